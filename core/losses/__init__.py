@@ -1,0 +1,11 @@
+"""Losses: cross-entropy family, fused linear cross-entropy, robust losses, KD divergences,
+calibration-time losses. Every function is registered by name (``get_loss``, ``get_divergence``).
+"""
+
+from core.losses._registry import DIVERGENCES, LOSSES, get_divergence, get_loss
+
+# Each family module registers its functions on import. One line per module, sorted.
+# (families) ----------------------------------------------------------------------------
+# (end families) ------------------------------------------------------------------------
+
+__all__ = ["DIVERGENCES", "LOSSES", "get_divergence", "get_loss"]
