@@ -11,6 +11,9 @@ PROJECTS := $(sort $(notdir $(patsubst %/dvc.yaml,%,$(wildcard projects/*/dvc.ya
 SETUP_KEY := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.setup-$(SETUP_KEY)
 export PYTHONHASHSEED := 0
+# stages call `python -m ...`: make that the venv's python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PIP_QUIET := 2>&1 | { grep -v "Location .* is ignored" || true; }
 
 .PHONY: help setup test test-slow lint reproduce bench data clean check-project
 
@@ -22,15 +25,15 @@ setup: $(STAMP)  ## create .venv and install the project editable with dev extra
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --upgrade pip $(PIP_QUIET)
+	$(PY) -m pip install --quiet -e '.[dev]' $(PIP_QUIET)
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "setup: installed into $(VENV) (key $(SETUP_KEY))"
 
 test: setup  ## default tests (CPU, no network), then Triton-interpreter tests in their own process
 	$(PY) -m pytest -q tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interpret tests || [ $$? -eq 5 ]
 
 test-slow: setup  ## the slow tests (training smoke tests, ddp)
 	$(PY) -m pytest -q -m slow tests
@@ -43,7 +46,7 @@ check-project:
 	  echo "error: PROJECT='$(PROJECT)' is not a project; valid names: $(PROJECTS)" >&2; exit 2; fi
 
 reproduce: check-project setup  ## make reproduce PROJECT=<name>: data, dvc repro of the pipeline, results table
-	$(VENV)/bin/dvc repro --pipeline projects/$(PROJECT)/dvc.yaml
+	$(VENV)/bin/dvc repro projects/$(PROJECT)/dvc.yaml
 	@$(PY) -m core.utils.show_results projects/$(PROJECT)/README.md
 
 bench: check-project setup  ## make bench PROJECT=<name>: the project's benchmark stage

@@ -41,7 +41,9 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: T | None = None) -> Any:
         """Register ``obj`` under ``name``; without ``obj`` return a decorator."""
         if not isinstance(name, str) or not name:
-            raise RegistryError(f"{self.kind} registry: a name must be a non-empty string, got {name!r}")
+            raise RegistryError(
+                f"{self.kind} registry: a name must be a non-empty string, got {name!r}"
+            )
 
         def add(o: T) -> T:
             if name in self._entries:

@@ -20,12 +20,8 @@ DVCLive logger to ``<out_dir>/dvclive`` so ``dvc exp show`` / ``dvc plots show``
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 __all__ = ["build_trainer", "fit_resumable", "last_checkpoint", "seed_everything"]
 
@@ -52,12 +48,9 @@ _TRAINER_KEYS = {
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) and the dataloader workers via Lightning."""
+    """Seed python, numpy, torch (all devices) and the dataloader workers (Lightning's rule)."""
     import lightning as L
 
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
     L.seed_everything(seed, workers=True, verbose=False)
 
 
@@ -87,7 +80,9 @@ def build_trainer(
     cfg = {**dict(cfg or {}), **overrides}
     unknown = set(cfg) - _TRAINER_KEYS
     if unknown:
-        raise ValueError(f"unknown trainer keys {sorted(unknown)}; allowed: {sorted(_TRAINER_KEYS)}")
+        raise ValueError(
+            f"unknown trainer keys {sorted(unknown)}; allowed: {sorted(_TRAINER_KEYS)}"
+        )
     cfg.setdefault("accelerator", "auto")
     cfg.setdefault("devices", "auto")
     cfg.setdefault("strategy", "auto")
@@ -120,4 +115,6 @@ def fit_resumable(trainer, module, datamodule=None, *, out_dir: str | os.PathLik
     ckpt = last_checkpoint(out_dir)
     if ckpt is not None:
         print(f"resuming from {ckpt}")
-    return trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, **kwargs)
+    return trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, **kwargs
+    )

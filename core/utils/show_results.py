@@ -12,7 +12,10 @@ from pathlib import Path
 
 def results_sections(text: str) -> list[str]:
     """Bodies of every ``<!-- X:start --> ... <!-- X:end -->`` block, in order."""
-    return [m.group(2).strip() for m in re.finditer(r"<!-- (\S+):start -->\n(.*?)<!-- \1:end -->", text, re.S)]
+    return [
+        m.group(2).strip()
+        for m in re.finditer(r"<!-- (\S+):start -->\n(.*?)<!-- \1:end -->", text, re.S)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
