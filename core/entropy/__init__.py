@@ -4,6 +4,7 @@ Estimators accept torch tensors or numpy arrays; see each function for its retur
 """
 
 from core.entropy._registry import ESTIMATORS
-from core.entropy.discrete import shannon_entropy
+from core.entropy.discrete import plugin_entropy, shannon_entropy
+from core.entropy.knn import knn_entropy, ksg_mi
 
-__all__ = ["ESTIMATORS", "shannon_entropy"]
+__all__ = ["ESTIMATORS", "knn_entropy", "ksg_mi", "plugin_entropy", "shannon_entropy"]

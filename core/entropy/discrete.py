@@ -6,12 +6,13 @@ information estimates" (the Miller-Madow correction).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from core.entropy._registry import ESTIMATORS
 
-__all__ = ["shannon_entropy"]
+__all__ = ["plugin_entropy", "shannon_entropy"]
 
 
 @ESTIMATORS.register("shannon")
@@ -32,3 +33,25 @@ def shannon_entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     # a gap beyond the float range makes logp = -inf and p = 0: mask so 0 * log 0 = 0, not nan
     p = logp.exp()
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(dim)
+
+
+@ESTIMATORS.register("plugin")
+def plugin_entropy(samples, miller_madow: bool = True) -> float:
+    """Plug-in (maximum-likelihood) entropy in nats of discrete samples (n,) of any hashable
+    values, ``-sum_v p_v log p_v`` with empirical p, plus the Miller-Madow bias correction
+    ``(m - 1) / (2 n)`` (m = number of observed values) when ``miller_madow``. Returns a float.
+
+    Miller, 1955, "Note on the bias of information estimates".
+    """
+    if torch.is_tensor(samples):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples)
+    if samples.ndim != 1 or samples.size == 0:
+        raise ValueError(
+            f"plugin_entropy: samples must be non-empty 1-D, got shape {samples.shape}"
+        )
+    counts = np.unique(samples, return_counts=True)[1]
+    n = samples.size
+    p = counts / n
+    h = float(-(p * np.log(p)).sum())
+    return h + (len(counts) - 1) / (2 * n) if miller_madow else h

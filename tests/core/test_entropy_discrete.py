@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy.stats import entropy as scipy_entropy
 
-from core.entropy import ESTIMATORS, shannon_entropy
+from core.entropy import ESTIMATORS, plugin_entropy, shannon_entropy
 
 
 def test_shannon_matches_scipy_float64():
@@ -51,3 +51,38 @@ def test_shannon_rejects_bad_input():
 
 def test_registered():
     assert ESTIMATORS.get("shannon") is shannon_entropy
+
+
+def test_plugin_matches_scipy_and_miller_madow():
+    rng = np.random.default_rng(0)
+    x = rng.choice(6, size=400, p=[0.4, 0.2, 0.2, 0.1, 0.05, 0.05])
+    counts = np.bincount(x)
+    ref = scipy_entropy(counts)  # scipy normalises counts
+    assert plugin_entropy(x, miller_madow=False) == pytest.approx(ref, abs=1e-12)
+    m = (counts > 0).sum()
+    assert plugin_entropy(x) == pytest.approx(ref + (m - 1) / (2 * 400), abs=1e-12)
+    assert plugin_entropy(torch.from_numpy(x)) == pytest.approx(plugin_entropy(x), abs=1e-12)
+
+
+def test_plugin_closed_forms_and_labels():
+    assert plugin_entropy(np.arange(8).repeat(5), miller_madow=False) == pytest.approx(np.log(8))
+    assert plugin_entropy(np.zeros(10)) == 0.0  # one value: no correction either
+    # relabelling values leaves the entropy unchanged; strings are fine
+    assert plugin_entropy(np.array(["a", "b", "b", "c"])) == pytest.approx(
+        plugin_entropy(np.array([7, 3, 3, 1]))
+    )
+
+
+def test_miller_madow_reduces_bias_on_uniform():
+    rng = np.random.default_rng(1)
+    runs = [rng.integers(0, 20, size=100) for _ in range(200)]
+    naive = np.mean([plugin_entropy(r, miller_madow=False) for r in runs])
+    mm = np.mean([plugin_entropy(r) for r in runs])
+    assert naive < mm and abs(mm - np.log(20)) < abs(naive - np.log(20)) / 3
+
+
+def test_plugin_rejects_bad_input():
+    with pytest.raises(ValueError, match="1-D"):
+        plugin_entropy(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="non-empty"):
+        plugin_entropy(np.array([]))
