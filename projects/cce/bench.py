@@ -1,0 +1,36 @@
+"""Stage cce-bench: loss+grad memory and time of linear cross-entropy implementations.
+
+Runs ``python -m kernels.cce.benchmark`` with the sizes in ``params.bench`` (N tokens, vocabulary
+V, hidden D, a V sweep), writing ``results.json``, ``results.md`` and ``memory_time_vs_v.png``
+into ``bench.out``. The benchmark itself lives with the kernel (kernels/cce/benchmark.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from projects.cce.common import arg_parser, load_params
+
+
+def bench_command(cfg: dict) -> list[str]:
+    """The ``kernels.cce.benchmark`` command line for a ``bench:`` params block."""
+    cmd = [sys.executable, "-m", "kernels.cce.benchmark", "--out", str(cfg["out"])]
+    for key in ("n", "v", "d", "repeats"):
+        cmd += [f"--{key}", str(cfg[key])]
+    if cfg.get("sweep"):
+        cmd += ["--sweep", ",".join(str(v) for v in cfg["sweep"])]
+    if cfg.get("methods"):
+        cmd += ["--methods", ",".join(cfg["methods"])]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arg_parser(__doc__).parse_args(argv)
+    cmd = bench_command(load_params(args.params)["bench"])
+    print("bench:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Corpus access and deterministic fixed-length windows over the tokenized splits.
+
+Both training runs (torch CE and CCE) draw the same window starts from a seeded generator,
+so they see identical batches in identical order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val")
+
+
+def corpus_documents(split: str, root: str | Path | None = None) -> Iterator[str]:
+    """Documents of the ``data-pystdlib`` corpus (``core.data.text_corpus``)."""
+    from core.data.text_corpus import iter_documents
+
+    return iter_documents(split, root=root)
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+    """The ``(n_tokens,)`` id array of a split written by the tokenizer stage (memory-mapped)."""
+    path = Path(data_dir) / f"{split}.npy"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} missing: run `dvc repro projects/cce/dvc.yaml:cce-tokenizer`"
+        )
+    return np.load(path, mmap_mode="r")
+
+
+class TokenWindows(Dataset):
+    """``n_windows`` windows of ``block_size + 1`` tokens at seeded random starts.
+
+    Item ``i`` is ``(x, y)``: int64 ``(block_size,)`` inputs and the next-token targets.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, n_windows: int, seed: int) -> None:
+        if tokens.ndim != 1 or tokens.size < block_size + 2:
+            raise ValueError(
+                f"need a 1-D token array longer than block_size + 1 = {block_size + 1}, "
+                f"got shape {tokens.shape}"
+            )
+        if n_windows < 1:
+            raise ValueError(f"n_windows must be >= 1, got {n_windows}")
+        self.tokens, self.block_size = tokens, block_size
+        rng = np.random.default_rng(seed)
+        self.starts = rng.integers(0, tokens.size - block_size - 1, size=n_windows)  # (n_windows,)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = int(self.starts[i])
+        w = torch.from_numpy(self.tokens[s : s + self.block_size + 1].astype(np.int64))
+        return w[:-1], w[1:]
+
+
+def make_loaders(
+    data_dir: str | Path, block_size: int, train_cfg: dict, max_steps: int, seed: int
+) -> tuple[DataLoader, DataLoader]:
+    """Train loader with exactly ``max_steps`` batches (one epoch, fixed order) and a val loader."""
+    bs = train_cfg["batch_size"]
+    train = TokenWindows(load_tokens(data_dir, "train"), block_size, max_steps * bs, seed)
+    val = TokenWindows(load_tokens(data_dir, "val"), block_size, train_cfg["val_windows"], seed + 1)
+    return (
+        DataLoader(train, batch_size=bs, shuffle=False),
+        DataLoader(val, batch_size=train_cfg["val_batch_size"], shuffle=False),
+    )
