@@ -1,0 +1,162 @@
+"""CA calibrator: a per-sample temperature predicted from the softmax outputs of transformed views.
+
+Liu, Wang, Zou, Zou & Zheng 2024, "Optimizing Calibration by Gaining Aware of Prediction
+Correctness" (arXiv 2404.13016). A small MLP reads, for each view (the original first), the
+softmax probabilities at the original view's top-k classes, and outputs T in [0.1, 10]; the
+original logits are divided by T (so the argmax, hence accuracy, is kept). It is trained with the
+correctness-aware (CA) loss: a class-balanced squared error between the calibrated max confidence
+and the 0/1 correctness of the prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.calibration.calibrators import CALIBRATORS, Calibrator, check_fit_inputs
+
+__all__ = ["VIEW_TRANSFORMS", "CACalibrator", "correctness_aware_loss", "make_views"]
+
+T_MIN, T_MAX = 0.1, 10.0
+
+
+def _gaussian_blur(x: Tensor, sigma: float = 1.0) -> Tensor:
+    """3x3 Gaussian blur of (N, Ch, H, W) images, reflect-padded."""
+    t = torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device)
+    k1 = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k1[:, None] * k1[None, :]) / k1.sum() ** 2  # (3, 3)
+    ch = x.shape[1]
+    weight = k.expand(ch, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, groups=ch)
+
+
+def _contrast(x: Tensor, factor: float = 0.5) -> Tensor:
+    """Scale each image's deviation from its mean intensity by ``factor``."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return mean + factor * (x - mean)
+
+
+VIEW_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "rot90": lambda x: torch.rot90(x, 1, dims=(2, 3)),
+    "rot180": lambda x: torch.rot90(x, 2, dims=(2, 3)),
+    "rot270": lambda x: torch.rot90(x, 3, dims=(2, 3)),
+    "hflip": lambda x: torch.flip(x, dims=(3,)),
+    "vflip": lambda x: torch.flip(x, dims=(2,)),
+    "blur": _gaussian_blur,
+    "contrast": _contrast,
+}
+DEFAULT_VIEWS = ("identity", "rot90", "rot270", "hflip", "blur", "contrast")
+
+
+@torch.no_grad()
+def make_views(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    views: Sequence[str] = DEFAULT_VIEWS,
+    batch_size: int = 1024,
+) -> Tensor:
+    """Logits of ``model`` on transformed copies of grayscale images (N, 1, H, W), e.g. 28x28
+    Fashion-MNIST. Returns (V, N, C), views in the order given (the first should be "identity").
+    Liu et al. 2024 (arXiv 2404.13016).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, channels, H, W), got shape {tuple(images.shape)}")
+    unknown = [v for v in views if v not in VIEW_TRANSFORMS]
+    if unknown:
+        raise ValueError(f"unknown views {unknown}; known: {sorted(VIEW_TRANSFORMS)}")
+    out = [
+        torch.cat([model(VIEW_TRANSFORMS[v](chunk)) for chunk in images.split(batch_size)])
+        for v in views
+    ]
+    return torch.stack(out)
+
+
+def correctness_aware_loss(calibrated_logits: Tensor, labels: Tensor) -> Tensor:
+    """CA loss: 0.5 * mean_correct (1 - conf)^2 + 0.5 * mean_wrong conf^2, conf = max softmax.
+
+    Each group (correct / wrong predictions) weighs half, whatever its size (the class-balanced
+    MSE); with one group empty, that group alone. calibrated_logits (N, C), labels (N,).
+    Liu et al. 2024 (arXiv 2404.13016).
+    """
+    conf, pred = calibrated_logits.softmax(dim=1).max(dim=1)
+    correct = pred.eq(labels)
+    parts = [(1 - conf[correct]).square().mean()] if correct.any() else []
+    if (~correct).any():
+        parts.append(conf[~correct].square().mean())
+    return torch.stack(parts).mean()
+
+
+@CALIBRATORS.register("ca")
+class CACalibrator(Calibrator):
+    """Per-sample temperature from multi-view softmax features, trained with the CA loss.
+
+    ``fit(view_logits, labels)`` and ``forward(view_logits)`` take (V, N, C) logits of the V views
+    (``views``, original first; see ``make_views``) and return calibrated (N, C) logits of the
+    original view. Liu et al. 2024 (arXiv 2404.13016).
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        views: Sequence[str] = DEFAULT_VIEWS,
+        top_k: int = 3,
+        hidden: int = 64,
+        epochs: int = 300,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= n_classes:
+            raise ValueError(f"top_k must be in [1, n_classes = {n_classes}], got {top_k}")
+        self.n_classes, self.views, self.top_k = n_classes, tuple(views), top_k
+        self.epochs, self.lr, self.weight_decay = epochs, lr, weight_decay
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Linear(len(self.views) * top_k, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+            )
+        with torch.no_grad():  # start at T = 1
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+
+    def _check_views(self, view_logits: Tensor) -> None:
+        shape = (len(self.views), self.n_classes)
+        if view_logits.ndim != 3 or (view_logits.shape[0], view_logits.shape[2]) != shape:
+            raise ValueError(
+                f"view_logits must be (V={shape[0]}, N, C={shape[1]}), "
+                f"got shape {tuple(view_logits.shape)}"
+            )
+        if not torch.isfinite(view_logits).all():
+            raise ValueError("view_logits contain NaN or inf")
+
+    def features(self, view_logits: Tensor) -> Tensor:
+        """(V, N, C) logits -> (N, V * top_k) softmax probabilities at the original top-k classes."""
+        probs = view_logits.softmax(dim=-1)  # (V, N, C)
+        top = probs[0].topk(self.top_k, dim=1).indices  # (N, k)
+        picked = probs.gather(2, top.expand(probs.shape[0], -1, -1))  # (V, N, k)
+        return picked.permute(1, 0, 2).reshape(probs.shape[1], -1)
+
+    def temperature(self, view_logits: Tensor) -> Tensor:
+        """Per-sample temperature (N,), clamped to [0.1, 10]."""
+        self._check_views(view_logits)
+        return self.net(self.features(view_logits)).squeeze(1).exp().clamp(T_MIN, T_MAX)
+
+    def forward(self, view_logits: Tensor) -> Tensor:
+        return view_logits[0] / self.temperature(view_logits)[:, None]
+
+    def fit(self, view_logits: Tensor, labels: Tensor) -> CACalibrator:
+        """Train the MLP full-batch with Adam on held-out view logits (V, N, C) and labels (N,)."""
+        self._check_views(view_logits)
+        check_fit_inputs(view_logits[0], labels)
+        view_logits = view_logits.detach().float()
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        for _ in range(self.epochs):
+            opt.zero_grad()
+            correctness_aware_loss(self(view_logits), labels).backward()
+            opt.step()
+        return self
