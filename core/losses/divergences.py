@@ -33,7 +33,9 @@ from core.losses._registry import DIVERGENCES
 
 __all__ = [
     "akl",
+    "akl_weights",
     "bdkd",
+    "bdkd_weights",
     "binary_kl",
     "dkd",
     "dkd_parts",
@@ -205,10 +207,11 @@ def _skew_reverse_kl(s: torch.Tensor, t: torch.Tensor, lam: float = 0.1) -> torc
     return _kl_rows(ls, _log_mix(ls, lt, lam))  # KL(p_s || lam p_s + (1-lam) p_t)
 
 
-def _akl_weights(
-    ls: torch.Tensor, lt: torch.Tensor, mu: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """AKL (head, tail) weights per row, as constants: L1 gaps on the teacher's head/tail."""
+def akl_weights(ls: torch.Tensor, lt: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AKL (head, tail) weights (N,) from log-probs ls, lt (N, C), as constants (no gradient).
+
+    L1 gaps on the teacher's head (cumulative mass up to mu) and tail. Wu et al. 2024, arXiv:2404.02657.
+    """
     with torch.no_grad():
         p_t, idx = lt.exp().sort(-1, descending=True)  # (N, C) teacher sorted
         p_s = ls.exp().gather(-1, idx)  # the SAME permutation for the student
@@ -226,14 +229,17 @@ def _akl(s: torch.Tensor, t: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
     if not 0.0 < mu <= 1.0:
         raise ValueError(f"mu must lie in (0, 1], got {mu!r}")
     ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    w_head, w_tail = _akl_weights(ls, lt, mu)
+    w_head, w_tail = akl_weights(ls, lt, mu)
     return w_head * _kl_rows(lt, ls) + w_tail * _kl_rows(ls, lt)
 
 
-def _bdkd_weights(
+def bdkd_weights(
     ls: torch.Tensor, lt: torch.Tensor, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BD-KD (forward, reverse) weights per row from the entropy gap H(p_s) - H(p_t), as constants."""
+    """BD-KD (forward, reverse) weights (N,) from the entropy gap H(p_s) - H(p_t), as constants.
+
+    ls, lt (N, C) log-probs. Amara et al. 2022, arXiv:2212.12965.
+    """
     with torch.no_grad():
         gap = -(ls.exp() * ls).sum(-1) + (lt.exp() * lt).sum(-1)  # H_s - H_t, (N,)
         under = gap > 0  # student less confident than the teacher -> stress mode-seeking RKL
@@ -246,7 +252,7 @@ def _bdkd(s: torch.Tensor, t: torch.Tensor, lam: float = 2.0) -> torch.Tensor:
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam!r}")
     ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    w_fwd, w_rev = _bdkd_weights(ls, lt, lam)
+    w_fwd, w_rev = bdkd_weights(ls, lt, lam)
     return w_fwd * _kl_rows(lt, ls) + w_rev * _kl_rows(ls, lt)
 
 

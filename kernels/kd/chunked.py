@@ -1,0 +1,256 @@
+"""Chunked pure-PyTorch fused linear KD loss: the CPU path, no (N, V) logits.
+
+Loops over token chunks: the student and teacher logits of a chunk (chunk x V each) are
+computed by GEMM, the per-token divergence and its gradient with respect to the student
+logits are evaluated in closed form, and the gradient is pushed straight into the hidden
+states and the weight (dE = G W_s, dW_s += G^T E_s). The loss is a scalar, so backward only
+scales the stored gradients. Memory is O(chunk x V + N x D + V x D); cost 8 N V D flops
+(two forward GEMMs, two gradient GEMMs). The teacher receives no gradient.
+
+Closed forms use d/ds_k sum_j f(q_j) = q_k (g_k - sum_j q_j g_j), g = df/dq, q = softmax(s).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from core.losses.divergences import akl_weights, bdkd_weights
+
+# The chunk's (chunk, V) work buffers may use this fraction of the gradient buffers.
+CHUNK_BUDGET_FRACTION = 0.2
+MIN_CHUNK_BUDGET_BYTES = 8 << 20
+WORK_BUFFERS = 8  # (chunk, V) buffers alive at the peak of one chunk (logits + temporaries)
+
+Spec = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pick_chunk_size(n: int, v: int, d: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that ~WORK_BUFFERS (chunk, V) buffers fit the budget.
+
+    The budget is ``CHUNK_BUDGET_FRACTION`` of the gradient buffers ((N + V) x D), so the peak
+    memory above the inputs stays near 1.2 x the gradient buffers.
+    """
+    item = torch.finfo(acc_dtype(dtype)).bits // 8
+    budget = max(CHUNK_BUDGET_FRACTION * (n + v) * d * item, MIN_CHUNK_BUDGET_BYTES)
+    return max(1, min(int(budget // (v * item * WORK_BUFFERS)), n))
+
+
+def _through_softmax(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. s given g = dD/dq (k, V), in place on g: q * (g - <q, g>)."""
+    return g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
+
+
+def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) from log-probabilities; w in [0, 1)."""
+    if w == 0.0:
+        return lb.clone()
+    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+
+
+def _fkl_rkl(ls, lt, q, p):
+    """(FKL, RKL, dFKL/ds, dRKL/ds) per row."""
+    d = ls - lt  # (k, V)
+    fkl = -(p * d).sum(-1)
+    rkl = (q * d).sum(-1)
+    return fkl, rkl, q - p, d.sub_(rkl[:, None]).mul_(q)
+
+
+def _forward_kl(ls, lt, q, p):
+    return (p * (lt - ls)).sum(-1), q - p
+
+
+def _reverse_kl(ls, lt, q, p):
+    _, rkl, _, g = _fkl_rkl(ls, lt, q, p)
+    return rkl, g
+
+
+def _symmetric_kl(ls, lt, q, p):
+    fkl, rkl, gf, gr = _fkl_rkl(ls, lt, q, p)
+    return fkl + rkl, gf.add_(gr)
+
+
+def _js(ls, lt, q, p, beta: float = 0.5):
+    lm = _log_mix(lt, ls, beta)  # log m, m = beta p + (1 - beta) q
+    loss = beta * (p * (lt - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
+    return loss, _through_softmax(q, lm.neg_().add_(ls).mul_(1 - beta))  # g = (1-b) log(q/m)
+
+
+def _total_variation(ls, lt, q, p):
+    diff = q - p
+    loss = 0.5 * diff.abs().sum(-1)
+    return loss, _through_softmax(q, diff.sign_().mul_(0.5))
+
+
+def _skew_kl(ls, lt, q, p, lam: float = 0.1):
+    lm = _log_mix(lt, ls, lam)  # m = lam p + (1 - lam) q
+    loss = (p * (lt - lm)).sum(-1)
+    return loss, _through_softmax(q, lm.neg_().add_(lt).exp_().mul_(-(1 - lam)))  # -(1-l) p/m
+
+
+def _skew_reverse_kl(ls, lt, q, p, lam: float = 0.1):
+    r = _log_mix(ls, lt, lam).neg_().add_(ls)  # log(q / m), m = lam q + (1 - lam) p
+    loss = (q * r).sum(-1)
+    return loss, _through_softmax(q, r.sub_(r.exp().mul_(lam)))  # log(q/m) - lam q/m
+
+
+def _akl(ls, lt, q, p, mu: float = 0.5):
+    w_head, w_tail = akl_weights(ls, lt, mu)
+    fkl, rkl, gf, gr = _fkl_rkl(ls, lt, q, p)
+    return w_head * fkl + w_tail * rkl, gf.mul_(w_head[:, None]).add_(gr.mul_(w_tail[:, None]))
+
+
+def _bdkd(ls, lt, q, p, lam: float = 2.0):
+    w_fwd, w_rev = bdkd_weights(ls, lt, lam)
+    fkl, rkl, gf, gr = _fkl_rkl(ls, lt, q, p)
+    return w_fwd * fkl + w_rev * rkl, gf.mul_(w_fwd[:, None]).add_(gr.mul_(w_rev[:, None]))
+
+
+def _binary_kl(s, t):
+    """Binary KL from scaled logits: loss (k,), d/ds = sigmoid(s) - sigmoid(t)."""
+    lt1, lt0 = F.logsigmoid(t), F.logsigmoid(-t)
+    loss = (lt1.exp() * (lt1 - F.logsigmoid(s)) + lt0.exp() * (lt0 - F.logsigmoid(-s))).sum(-1)
+    return loss, torch.sigmoid(s).sub_(torch.sigmoid(t))
+
+
+def _dual_head_binary_kl(s, t):
+    loss, g = _binary_kl(s - s.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True))
+    return loss, g.sub_(g.mean(-1, keepdim=True))  # through the centring
+
+
+# name -> (per-chunk closed form, whether it reads log-softmax outputs)
+SPECS: dict[str, tuple[Spec, bool]] = {
+    "forward_kl": (_forward_kl, True),
+    "reverse_kl": (_reverse_kl, True),
+    "symmetric_kl": (_symmetric_kl, True),
+    "js": (_js, True),
+    "total_variation": (_total_variation, True),
+    "skew_kl": (_skew_kl, True),
+    "skew_reverse_kl": (_skew_reverse_kl, True),
+    "akl": (_akl, True),
+    "bdkd": (_bdkd, True),
+    "binary_kl": (_binary_kl, False),
+    "dual_head_binary_kl": (_dual_head_binary_kl, False),
+}
+
+
+def _sweep(e_s, w_s, e_t, w_t, targets, valid, n_valid, opts, need_grad):
+    """One pass over the valid rows: the scalar loss and, if asked, (dE_s, dW_s)."""
+    divergence, temperature, hard_weight, scale, chunk_size, hparams = opts
+    spec, uses_softmax = SPECS[divergence]
+    v = w_s.shape[0]
+    total = e_s.new_zeros(())
+    de = e_s.new_zeros(e_s.shape) if need_grad else None
+    dw = torch.zeros_like(w_s) if need_grad else None
+    k_max = max(1, min(chunk_size, n_valid))
+    zs_buf = e_s.new_empty(k_max * v)
+    zt_buf = e_s.new_empty(k_max * v)
+    w_kd = (1.0 - hard_weight) * temperature**2  # T^2 convention on the divergence
+    for start in range(0, n_valid, k_max):
+        k = min(k_max, n_valid - start)
+        rows = slice(start, start + k) if valid is None else valid[start : start + k]
+        es = e_s[rows]  # (k, D)
+        s = torch.mm(es, w_s.T, out=zs_buf[: k * v].view(k, v))  # (k, V) student logits
+        t = torch.mm(e_t[rows], w_t.T, out=zt_buf[: k * v].view(k, v))  # (k, V) teacher
+        if hard_weight > 0:
+            tk = targets[rows]
+            lse = s.logsumexp(-1)  # (k,)
+            total += hard_weight * (lse - s.gather(1, tk[:, None]).squeeze(1)).sum()
+            soft = (s - lse[:, None]).exp_() if need_grad else None  # (k, V) softmax(z)
+        if temperature != 1.0:
+            s.div_(temperature)
+            t.div_(temperature)
+        if uses_softmax:
+            ls = s.sub_(s.logsumexp(-1, keepdim=True))  # in place: log p_s
+            lt = t.sub_(t.logsumexp(-1, keepdim=True))  # log p_t
+            loss, g = spec(ls, lt, ls.exp(), lt.exp(), **hparams)
+        else:
+            loss, g = spec(s, t, **hparams)
+        total += w_kd * loss.sum()
+        if not need_grad:
+            continue
+        g.mul_(w_kd / temperature * scale)  # (k, V) d loss / d z_s
+        if hard_weight > 0:
+            g.add_(soft, alpha=hard_weight * scale)
+            g[torch.arange(k), tk] -= hard_weight * scale
+        de[rows] = g @ w_s
+        dw.addmm_(g.T, es)
+    return total * scale, de, dw
+
+
+class _ChunkedLinearKD(torch.autograd.Function):
+    """Gradients computed in the forward; backward scales them by the output gradient."""
+
+    @staticmethod
+    def forward(ctx, e_s, w_s, e_t, w_t, targets, valid, n_valid, opts, need_grad):
+        acc = acc_dtype(e_s.dtype)
+        loss, de, dw = _sweep(
+            e_s.to(acc),
+            w_s.to(acc),
+            e_t.to(acc),
+            w_t.to(acc),
+            targets,
+            valid,
+            n_valid,
+            opts,
+            need_grad,
+        )
+        ctx.grads = (de, dw)
+        ctx.dtypes = (e_s.dtype, w_s.dtype)
+        return loss  # fp32 (fp64 for fp64 inputs): a bf16 scalar loss would only lose digits
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        de, dw = ctx.grads
+        if de is None:
+            raise RuntimeError("linear_kd (chunked): backward after a forward run without grad")
+        ctx.grads = (None, None)
+        g = float(grad_out)
+        if g != 1.0:
+            de.mul_(g)
+            dw.mul_(g)
+        return de.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), *([None] * 7)
+
+
+def chunked_linear_kd(
+    e_s: torch.Tensor,
+    w_s: torch.Tensor,
+    e_t: torch.Tensor,
+    w_t: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    targets: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    **hparams: float,
+) -> torch.Tensor:
+    """Fused (1 - h) T^2 D(p_t || p_s) + h CE, mean over non-ignored rows, without (N, V) logits.
+
+    e_s (N, D_s), w_s (V, D_s), e_t (N, D_t), w_t (V, D_t), targets (N,) or None; divergences
+    in ``SPECS``. Gradients reach e_s and w_s only (in their dtypes); the loss is returned in
+    the accumulation dtype (fp32, or fp64). Inputs are assumed validated by the api.
+    """
+    n = e_s.shape[0]
+    if targets is None:
+        valid, n_valid = None, n
+    else:
+        keep = targets != ignore_index
+        n_valid = int(keep.sum())
+        valid = None if n_valid == n else keep.nonzero().squeeze(1)
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    if chunk_size is None:
+        chunk_size = pick_chunk_size(n, w_s.shape[0], e_s.shape[1], e_s.dtype)
+    need_grad = torch.is_grad_enabled() and (e_s.requires_grad or w_s.requires_grad)
+    opts = (divergence, float(temperature), float(hard_weight), scale, int(chunk_size), hparams)
+    return _ChunkedLinearKD.apply(e_s, w_s, e_t, w_t, targets, valid, n_valid, opts, need_grad)
