@@ -8,6 +8,7 @@ from core.losses._registry import DIVERGENCES, LOSSES, get_divergence, get_loss
 # (families) ----------------------------------------------------------------------------
 from core.losses.classification import *  # noqa: F401,F403
 from core.losses.divergences import *  # noqa: F401,F403
+from core.losses.linear_kd import *  # noqa: F401,F403
 # (end families) ------------------------------------------------------------------------
 
 __all__ = ["DIVERGENCES", "LOSSES", "get_divergence", "get_loss"]
