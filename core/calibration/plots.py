@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -22,10 +22,10 @@ def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, title: 
     # fold the extra conf == 1.0 bin into the last drawn bin
     acc[-2] = (acc[-2] * count[-2] + acc[-1] * count[-1]) / (count[-2] + count[-1]).clamp_min(1)
     count[-2] += count[-1]
-    acc, count = acc[:-1], count[:-1]
+    acc, count = acc[:-1].numpy(), count[:-1].numpy()
     ece = float(expected_calibration_error(probs, labels, n_bins))
     width = 1.0 / n_bins
-    centres = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
+    centres = (np.arange(n_bins) + 0.5) * width
     filled = count > 0
 
     fig = Figure(figsize=(4.5, 6))  # no pyplot: no global state, any backend

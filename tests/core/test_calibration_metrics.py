@@ -104,7 +104,7 @@ def test_classwise_equals_mean_of_torchmetrics_binary(case):
     probs, labels = CASES[case]
     ref = torch.stack(
         [
-            binary_calibration_error(probs[:, c], (labels == c).long(), n_bins=15)
+            binary_calibration_error(probs[:, c].contiguous(), (labels == c).long(), n_bins=15)
             for c in range(probs.shape[1])
         ]
     ).mean()
@@ -221,3 +221,20 @@ def test_bad_options_raise():
         M.expected_calibration_error(probs, labels, n_bins=0)
     with pytest.raises(ValueError, match="binning"):
         M.debiased_l2_calibration_error(probs, labels, binning="quantile")
+
+
+def test_reliability_diagram_draws_bins_and_histogram(tmp_path):
+    from core.calibration.plots import reliability_diagram
+
+    probs, labels = CASES[2]  # includes confidences exactly 1.0
+    fig = reliability_diagram(probs, labels, n_bins=10)
+    top, bottom = fig.axes
+    ece = float(M.expected_calibration_error(probs, labels, 10))
+    assert f"{100 * ece:.2f}%" in top.get_title()
+    heights = np.array([patch.get_height() for patch in bottom.patches])
+    assert len(heights) == 10 and heights.sum() == pytest.approx(1.0)
+    # the conf == 1.0 samples are drawn in the last bin
+    n_one = int((probs.max(1).values == 1).sum())
+    assert heights[-1] * len(labels) >= n_one > 0
+    fig.savefig(tmp_path / "reliability.png")
+    assert (tmp_path / "reliability.png").stat().st_size > 0
