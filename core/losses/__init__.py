@@ -6,6 +6,7 @@ from core.losses._registry import DIVERGENCES, LOSSES, get_divergence, get_loss
 
 # Each family module registers its functions on import. One line per module, sorted.
 # (families) ----------------------------------------------------------------------------
+from core.losses.calibration_losses import *  # noqa: F401,F403
 from core.losses.classification import *  # noqa: F401,F403
 from core.losses.divergences import *  # noqa: F401,F403
 from core.losses.linear_kd import *  # noqa: F401,F403
