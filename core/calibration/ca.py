@@ -147,6 +147,7 @@ class CACalibrator(Calibrator):
         return self.net(self.features(view_logits)).squeeze(1).exp().clamp(T_MIN, T_MAX)
 
     def forward(self, view_logits: Tensor) -> Tensor:
+        """(V, N, C) view logits -> calibrated (N, C) logits of the original view: z_0 / T(x)."""
         return view_logits[0] / self.temperature(view_logits)[:, None]
 
     def fit(self, view_logits: Tensor, labels: Tensor) -> CACalibrator:

@@ -69,6 +69,7 @@ class Calibrator(nn.Module):
     """Base: ``fit`` on held-out logits, ``forward``/``transform`` on new logits."""
 
     def fit(self, logits: Tensor, labels: Tensor) -> Calibrator:
+        """Fit on held-out logits (N, C) and labels (N,); returns self."""
         raise NotImplementedError
 
     def transform(self, logits: Tensor) -> Tensor:
@@ -126,6 +127,7 @@ class TemperatureScaling(Calibrator):
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
+        """logits (N, C) -> logits / T."""
         return logits / self.log_temperature.exp().to(logits.dtype)
 
 
@@ -145,8 +147,8 @@ class VectorScaling(Calibrator):
         """Fit w, b on held-out logits (N, C) and labels (N,)."""
         check_fit_inputs(logits, labels)
         c = logits.shape[1]
-        self.weight.data = torch.ones(c)
-        self.bias.data = torch.zeros(c)
+        self.weight.data = torch.ones(c, device=logits.device)
+        self.bias.data = torch.zeros(c, device=logits.device)
         logits = logits.detach().float()
         _fit_lbfgs(
             [self.weight, self.bias], lambda: F.cross_entropy(self(logits), labels), self.max_iter
@@ -154,6 +156,7 @@ class VectorScaling(Calibrator):
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
+        """logits (N, C) -> logits * w + b."""
         self._check_fitted(self.weight, logits)
         return logits * self.weight + self.bias
 
@@ -175,10 +178,10 @@ class MatrixScaling(Calibrator):
         """Fit W, b on held-out logits (N, C) and labels (N,)."""
         check_fit_inputs(logits, labels)
         c = logits.shape[1]
-        self.weight.data = torch.eye(c)
-        self.bias.data = torch.zeros(c)
+        self.weight.data = torch.eye(c, device=logits.device)
+        self.bias.data = torch.zeros(c, device=logits.device)
         logits = logits.detach().float()
-        off = ~torch.eye(c, dtype=torch.bool)
+        off = ~torch.eye(c, dtype=torch.bool, device=logits.device)
 
         def objective() -> Tensor:
             penalty = self.off_diagonal * self.weight[off].square().mean()
@@ -192,6 +195,7 @@ class MatrixScaling(Calibrator):
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
+        """logits (N, C) -> logits @ W^T + b."""
         self._check_fitted(self.bias, logits)
         return logits @ self.weight.T + self.bias
 
@@ -224,7 +228,8 @@ class HistogramBinning(Calibrator):
     def fit(self, logits: Tensor, labels: Tensor) -> HistogramBinning:
         """Fit per-class bin frequencies on held-out logits (N, C) and labels (N,)."""
         check_fit_inputs(logits, labels)
-        probs = logits.detach().double().softmax(dim=1)
+        probs = logits.detach().double().cpu().softmax(dim=1)
+        labels = labels.cpu()
         n, c = probs.shape
         flat = (self._bin_index(probs) + self.n_bins * torch.arange(c)).T.reshape(-1)  # (C*N,)
         positives = F.one_hot(labels, c).double().T.reshape(-1)  # (C*N,)
@@ -234,10 +239,11 @@ class HistogramBinning(Calibrator):
         hits = torch.zeros_like(count).index_add_(0, flat, positives)
         midpoints = ((torch.arange(self.n_bins) + 0.5) / self.n_bins).repeat(c).double()
         values = torch.where(count > 0, hits / count.clamp_min(1), midpoints)
-        self.bin_values = values.reshape(c, self.n_bins).float()
+        self.bin_values = values.reshape(c, self.n_bins).float().to(logits.device)
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
+        """logits (N, C) -> log of the renormalised per-class bin frequencies."""
         self._check_fitted(self.bin_values, logits)
         probs = logits.softmax(dim=1)
         scores = self.bin_values.to(probs.dtype).gather(1, self._bin_index(probs).T).T  # (N, C)
@@ -290,20 +296,23 @@ class IsotonicCalibration(Calibrator):
     def fit(self, logits: Tensor, labels: Tensor) -> IsotonicCalibration:
         """Fit one isotonic map per class on held-out logits (N, C) and labels (N,)."""
         check_fit_inputs(logits, labels)
-        probs = logits.detach().double().softmax(dim=1).numpy()
-        onehot = F.one_hot(labels, probs.shape[1]).double().numpy()
+        probs = logits.detach().double().softmax(dim=1).cpu().numpy()
+        onehot = F.one_hot(labels, probs.shape[1]).double().cpu().numpy()
         knots = [_isotonic_fit(probs[:, c], onehot[:, c]) for c in range(probs.shape[1])]
         k = max(len(xs) for xs, _ in knots)
         # pad each class by repeating its last knot: a flat, clipped tail
         self.knots_x = torch.tensor(
-            np.stack([np.pad(xs, (0, k - len(xs)), "edge") for xs, _ in knots])
+            np.stack([np.pad(xs, (0, k - len(xs)), "edge") for xs, _ in knots]),
+            device=logits.device,
         )
         self.knots_y = torch.tensor(
-            np.stack([np.pad(ys, (0, k - len(ys)), "edge") for _, ys in knots])
+            np.stack([np.pad(ys, (0, k - len(ys)), "edge") for _, ys in knots]),
+            device=logits.device,
         )
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
+        """logits (N, C) -> log of the renormalised per-class isotonic fits."""
         self._check_fitted(self.knots_x, logits)
         probs = logits.double().softmax(dim=1)
         scores = _interp(probs.T, self.knots_x, self.knots_y).T  # (N, C)

@@ -47,6 +47,7 @@ class _ProbsLabelsMetric(Metric):
         self.labels.append(labels.detach())
 
     def compute(self) -> Tensor:
+        """The metric on every sample seen since the last reset (all processes after sync)."""
         return type(self).fn(dim_zero_cat(self.probs), dim_zero_cat(self.labels), **self.fn_kwargs)
 
 
@@ -127,6 +128,7 @@ class _SumMetric(Metric):
         self.count += labels.shape[0]
 
     def compute(self) -> Tensor:
+        """Mean over every sample seen since the last reset."""
         return (self.total / self.count).float()
 
 
