@@ -9,7 +9,15 @@ from core.losses._registry import DIVERGENCES, LOSSES, get_divergence, get_loss
 from core.losses.calibration_losses import *  # noqa: F401,F403
 from core.losses.classification import *  # noqa: F401,F403
 from core.losses.divergences import *  # noqa: F401,F403
+from core.losses.linear_ce import LinearCrossEntropy, linear_cross_entropy  # noqa: F401
 from core.losses.linear_kd import *  # noqa: F401,F403
 # (end families) ------------------------------------------------------------------------
 
-__all__ = ["DIVERGENCES", "LOSSES", "get_divergence", "get_loss"]
+__all__ = [
+    "DIVERGENCES",
+    "LOSSES",
+    "LinearCrossEntropy",
+    "get_divergence",
+    "get_loss",
+    "linear_cross_entropy",
+]

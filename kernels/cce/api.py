@@ -1,0 +1,134 @@
+"""Dispatch for Cut Cross-Entropy: flatten/shift the inputs, pick the path, shape the outputs.
+
+impl="auto": CUDA tensors -> Triton kernels, CPU tensors -> the chunked PyTorch path; it never
+picks the materialised reference. impl="triton" on CPU needs TRITON_INTERPRET=1 set before the
+kernel modules are imported (triton.jit reads it at decoration time).
+
+Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.cce.chunked import chunked_linear_cross_entropy
+from kernels.cce.reference import reference_linear_cross_entropy
+
+IMPLS = ("auto", "chunked", "triton", "reference")
+
+
+def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
+    """``"auto"``/``"high"`` -> eps(dtype) / 32 (the CCE default); None disables filtering."""
+    if filter_eps in ("auto", "high"):
+        return torch.finfo(dtype).eps / 32
+    return None if filter_eps is None else float(filter_eps)
+
+
+def _check_triton_available(device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"impl='triton' needs a CUDA tensor (got device {device}); on CPU set "
+            "TRITON_INTERPRET=1 before importing kernels.cce (Triton interpreter, slow)."
+        )
+
+
+class _TritonCCE(torch.autograd.Function):
+    """Forward LSE + target logit kernels; backward recomputes tiles with per-row weights."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, targets, ignore_index, softcap, reduction, filter_eps, sort):
+        from kernels.cce.triton_fwd import cce_forward
+
+        e, c = e.contiguous(), c.contiguous()
+        rows = (targets != ignore_index).nonzero().squeeze(1)  # (R,)
+        lse_r, tgt_logit, avg = cce_forward(e, c, bias, targets, rows, softcap, sort)
+        n = targets.numel()
+        loss = torch.zeros(n, device=e.device, dtype=torch.float32).index_copy_(
+            0, rows, lse_r - tgt_logit
+        )
+        lse = torch.zeros_like(loss).index_copy_(0, rows, lse_r)
+        perm = torch.argsort(avg, descending=True) if sort else None
+        ctx.save_for_backward(e, c, bias, targets, rows, lse_r, perm)
+        ctx.opts = (softcap, reduction, filter_eps)
+        scale = 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0
+        out = loss if reduction == "none" else loss.sum() * scale
+        return out.to(e.dtype), lse.to(e.dtype)
+
+    @staticmethod
+    def backward(ctx, g_loss, g_lse):
+        from kernels.cce.triton_bwd import cce_backward
+
+        e, c, bias, targets, rows, lse_r, perm = ctx.saved_tensors
+        softcap, reduction, filter_eps = ctx.opts
+        if reduction == "none":
+            wl = g_loss.float().index_select(0, rows)
+        else:
+            scale = 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0
+            wl = (g_loss.float() * scale).expand(rows.numel()).contiguous()
+        wz = g_lse.float().index_select(0, rows) if g_lse is not None else None
+        de, dc, db = cce_backward(
+            e, c, bias, targets, rows, lse_r, wl, wz, softcap, filter_eps, perm
+        )
+        db = db.to(bias.dtype) if db is not None else None
+        return de.to(e.dtype), dc.to(c.dtype), db, *([None] * 6)
+
+
+def linear_cross_entropy_impl(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    shift: bool = False,
+    filter_eps: float | str | None = "auto",
+    return_lse: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    sort_vocab: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cut Cross-Entropy on validated inputs: e (..., D), c (V, D), targets (...), bias (V,).
+
+    Returns the loss (scalar, or shaped like ``targets`` for "none") and with ``return_lse`` the
+    per-token LSE shaped like ``targets``. With ``shift`` e[..., :-1, :] predicts
+    targets[..., 1:] without copying e, and per-token outputs have shape (..., T - 1) (as in
+    cut_cross_entropy). Wijmans et al. 2024, arXiv 2411.09009.
+    """
+    d = c.shape[1]
+    e2 = e.reshape(-1, d)  # (N, D), a view when e is contiguous
+    if shift:
+        pad = targets.new_full((*targets.shape[:-1], 1), ignore_index)
+        t = torch.cat([targets[..., 1:], pad], dim=-1).reshape(-1)  # (N,)
+    else:
+        t = targets.reshape(-1)
+    if impl == "auto":
+        impl = "triton" if e.device.type == "cuda" else "chunked"
+    if impl == "chunked":
+        loss, lse = chunked_linear_cross_entropy(
+            e2, c, t, bias, ignore_index, softcap, reduction, return_lse, chunk_size
+        )
+    elif impl == "triton":
+        _check_triton_available(e.device)
+        eps = resolve_filter_eps(filter_eps, e.dtype)
+        loss, lse = _TritonCCE.apply(
+            e2, c, bias, t, ignore_index, softcap, reduction, eps, sort_vocab
+        )
+    elif impl == "reference":
+        loss, lse = reference_linear_cross_entropy(
+            e2, c, t, bias, ignore_index, softcap, reduction, return_lse
+        )
+    else:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+    def per_token(x: torch.Tensor) -> torch.Tensor:
+        x = x.view(targets.shape)
+        return x[..., :-1] if shift else x
+
+    if reduction == "none":
+        loss = per_token(loss)
+    return (loss, per_token(lse)) if return_lse else loss

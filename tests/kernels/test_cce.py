@@ -1,0 +1,209 @@
+"""Cut Cross-Entropy, CPU paths: chunked vs a float64 materialised reference, the front door,
+validation, and a peer (cut_cross_entropy). Wijmans et al. 2024, arXiv 2411.09009."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.losses import LOSSES, LinearCrossEntropy, linear_cross_entropy
+from kernels.cce.chunked import CHUNK_BUDGET_FRACTION, MIN_CHUNK_BUDGET_BYTES, pick_chunk_size
+from kernels.cce.reference import reference_linear_cross_entropy
+from tests.kernels.cce_helpers import (
+    assert_tolerance_rule,
+    impl_fn,
+    loss_and_grads,
+    make_inputs,
+    ref_fn,
+)
+
+N, V, D = 257, 1031, 67
+
+
+def _parity(dtype, *, reduction, return_lse, softcap=None, bias=False, ignore="some", chunk=50):
+    e, c, t, b = make_inputs(N, V, D, dtype, bias=bias, ignore=ignore)
+    kw = dict(reduction=reduction, return_lse=return_lse)
+    got = loss_and_grads(
+        impl_fn("chunked", softcap=softcap, chunk_size=chunk, **kw), e, c, t, b, **kw
+    )
+    same = loss_and_grads(ref_fn(softcap=softcap, **kw), e, c, t, b, **kw)
+    ref64 = loss_and_grads(
+        ref_fn(softcap=softcap, compute_dtype=torch.float64, **kw),
+        e,
+        c,
+        t,
+        b,
+        dtype=torch.float64,
+        **kw,
+    )
+    names = ["loss"] + (["lse"] if return_lse else []) + ["dE", "dC"] + (["dbias"] if bias else [])
+    assert_tolerance_rule(got, same, ref64, dtype, names)
+    return got, ref64
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_chunked_fp32_parity(reduction, return_lse, softcap):
+    _parity(torch.float32, reduction=reduction, return_lse=return_lse, softcap=softcap, bias=True)
+
+
+@pytest.mark.parametrize("ignore", ["none", "some"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_bf16_parity_and_grad_dtype(ignore, reduction):
+    got, ref64 = _parity(torch.bfloat16, reduction=reduction, return_lse=True, ignore=ignore)
+    e, c, t, _ = make_inputs(N, V, D, torch.bfloat16)
+    e.requires_grad_()
+    linear_cross_entropy(e, c, t).backward()
+    assert e.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_chunked_float64_is_exact_for_any_chunk_size(chunk):
+    got, ref64 = _parity(
+        torch.float64, reduction="none", return_lse=True, softcap=3.0, bias=True, chunk=chunk
+    )
+    for x, r in zip(got, ref64, strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_grads(reduction):
+    e, c, t, b = make_inputs(33, 70, 16, torch.float32, bias=True, ignore="all")
+    kw = dict(reduction=reduction, return_lse=False)
+    loss, de, dc, db = loss_and_grads(impl_fn("chunked", **kw), e, c, t, b, **kw)
+    for x in (loss, de, dc, db):
+        assert torch.isfinite(x).all() and (x == 0).all()
+
+
+def test_shift_matches_manual_shift_and_peer_layout():
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(3, 37, 24, generator=g)
+    c = torch.randn(150, 24, generator=g) / 3
+    t = torch.randint(0, 150, (3, 37), generator=g)
+    t[1, 4:9] = -100
+    loss = linear_cross_entropy(e, c, t, shift=True, reduction="none")
+    assert loss.shape == (3, 36)
+    ref, _ = reference_linear_cross_entropy(
+        e[:, :-1].reshape(-1, 24), c, t[:, 1:].reshape(-1), reduction="none"
+    )
+    torch.testing.assert_close(loss, ref.view(3, 36), rtol=1e-5, atol=1e-5)
+    mean = linear_cross_entropy(e, c, t, shift=True)
+    torch.testing.assert_close(mean, ref.sum() / (t[:, 1:] != -100).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_peer_torch_compile_parity():
+    peer = pytest.importorskip("cut_cross_entropy")
+    g = torch.Generator().manual_seed(2)
+    e0 = torch.randn(2, 41, 32, generator=g)
+    c0 = torch.randn(301, 32, generator=g) / 4
+    t = torch.randint(0, 301, (2, 41), generator=g)
+    t[0, :6] = -100
+    outs = []
+    for fn in (peer.linear_cross_entropy, linear_cross_entropy):
+        e, c = e0.clone().requires_grad_(), c0.clone().requires_grad_()
+        extra = {"impl": "torch_compile"} if fn is peer.linear_cross_entropy else {}
+        loss = fn(e, c, t, softcap=5.0, shift=True, reduction="none", **extra)
+        loss.sum().backward()
+        outs.append((loss.detach(), e.grad, c.grad))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_front_door_module_and_registry_agree():
+    e, c, t, b = make_inputs(40, 90, 12, torch.float32, bias=True)
+    f = linear_cross_entropy(e, c, t, bias=b, softcap=2.0, reduction="sum")
+    m = LinearCrossEntropy(softcap=2.0, reduction="sum")(e, c, t, b)
+    r = LOSSES.get("linear_cross_entropy")(e, c, t, bias=b, softcap=2.0, reduction="sum")
+    ref, _ = reference_linear_cross_entropy(e, c, t, b, softcap=2.0, reduction="sum")
+    assert f.item() == m.item() == r.item()
+    torch.testing.assert_close(f, ref, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # inference path: no gradient buffers, same loss
+        assert (
+            linear_cross_entropy(e, c, t, bias=b, softcap=2.0, reduction="sum").item() == f.item()
+        )
+
+
+def test_eager_backward_twice_raises_and_grad_scaling():
+    e, c, t, _ = make_inputs(30, 50, 8, torch.float64)
+    e.requires_grad_()
+    loss = linear_cross_entropy(e, c, t)
+    (3.0 * loss).backward(retain_graph=True)
+    ref_e = e.detach().clone().requires_grad_()
+    (3.0 * reference_linear_cross_entropy(ref_e, c, t)[0]).backward()
+    torch.testing.assert_close(e.grad, ref_e.grad)
+    with pytest.raises(RuntimeError, match="backward called twice"):
+        loss.backward()
+
+
+def test_chunk_size_respects_memory_budget():
+    n, v, d = 4096, 65536, 512
+    rows = pick_chunk_size(n, v, d, torch.float32)
+    budget = max(CHUNK_BUDGET_FRACTION * (n + v) * d * 4, MIN_CHUNK_BUDGET_BYTES)
+    assert rows >= 16 and rows * v * 4 <= budget
+    assert pick_chunk_size(n, v, d, torch.float32, n_buffers=2) <= rows // 2 + 16
+    assert pick_chunk_size(5, 10, 3, torch.float32) == 5
+
+
+def test_sgd_training_step_matches_reference():
+    torch.manual_seed(3)
+    vocab, dim = 97, 16
+
+    def make():
+        torch.manual_seed(3)
+        return torch.nn.ModuleDict(
+            {"emb": torch.nn.Embedding(vocab, dim), "head": torch.nn.Linear(dim, vocab)}
+        )
+
+    tokens = torch.randint(0, vocab, (4, 23))
+    models = {}
+    for impl in ("chunked", "reference"):
+        model = make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            h = torch.tanh(model["emb"](tokens))  # (B, T, dim)
+            head = model["head"]
+            loss = linear_cross_entropy(
+                h, head.weight, tokens, bias=head.bias, shift=True, impl=impl
+            )
+            loss.backward()
+            opt.step()
+        models[impl] = model
+    for (name, p), q in zip(
+        models["chunked"].named_parameters(), models["reference"].parameters(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    e, c, t, _ = make_inputs(8, 20, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        linear_cross_entropy(e, c, t, impl="triton")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"c": torch.zeros(20, 5)}, "hidden size mismatch"),
+        ({"t": torch.full((8,), 20)}, r"\[0, 20\).*found 20"),
+        ({"t": torch.full((8,), -3)}, "found -3"),
+        ({"t": torch.zeros(8)}, "integer class ids"),
+        ({"t": torch.zeros(9, dtype=torch.long)}, "leading dims"),
+        ({"e": torch.zeros(8, 4, dtype=torch.long)}, "float dtype"),
+        ({"c": torch.zeros(20, 4, dtype=torch.float64)}, "float dtype"),
+        ({"b": torch.zeros(21)}, r"bias \(21,\)"),
+        ({"c": torch.zeros(20, 4, device="meta")}, "one device"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"impl": "cuda"}, "impl"),
+        ({"softcap": 0.0}, "softcap"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, match):
+    args = {"e": torch.zeros(8, 4), "c": torch.zeros(20, 4), "t": torch.zeros(8, dtype=torch.long)}
+    args["b"] = None
+    opts = {k: kwargs.pop(k) for k in ("reduction", "impl", "softcap") if k in kwargs}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(args["e"], args["c"], args["t"], bias=args["b"], **opts)
