@@ -144,7 +144,7 @@ def adv_comp_sum(
     ``D(z)_k = z_y - z_k`` (k != y) and ``z'`` are the logits at the perturbed input that
     maximises that distance (the caller's attack, e.g. PGD, supplies ``adv_logits``).
 
-    Mao, Mohri & Zhong, 2023, Sec. 6 (arXiv:2304.07288). (N, C), (N,), (N, C) -> loss.
+    Mao, Mohri & Zhong, 2023 (arXiv:2304.07288). (N, C), (N,), (N, C) -> loss.
     """
     if adv_logits.shape != logits.shape:
         raise ValueError(
