@@ -46,7 +46,11 @@ class LMModule(L.LightningModule):
             return F.cross_entropy(self.model.logits(hidden), y.flatten())  # logits (B*T, V)
         from core.losses import linear_cross_entropy
 
-        return linear_cross_entropy(hidden, self.model.head_weight, y.flatten())
+        weight = self.model.head_weight
+        if torch.is_autocast_enabled(hidden.device.type):  # match F.linear's autocast dtype
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        return linear_cross_entropy(hidden, weight, y.flatten())
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(*batch)
