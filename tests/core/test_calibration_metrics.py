@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from netcal.metrics import ECE as NetcalECE
+from netcal.metrics import MCE as NetcalMCE
+from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import (
     binary_calibration_error,
     multiclass_calibration_error,
@@ -66,6 +68,26 @@ def test_ece_equals_netcal_without_confidence_one(n_bins, seed):
     assert probs.max() < 1
     ours = M.expected_calibration_error(probs, labels, n_bins=n_bins)
     assert float(ours) == pytest.approx(_netcal_ece(probs, labels, n_bins), abs=1e-6)
+
+
+def test_mce_equals_netcal_without_confidence_one():
+    probs, labels = _data(400, 6, seed=8)
+    ours = M.maximum_calibration_error(probs, labels, n_bins=10)
+    ref = NetcalMCE(bins=10).measure(probs.numpy(), labels.numpy())
+    assert float(ours) == pytest.approx(ref, abs=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+def test_metric_class_equals_torchmetrics_class_across_batches(norm):
+    probs, labels = CASES[2]
+    ours, ref = (
+        TM.ExpectedCalibrationError(n_bins=15, norm=norm),
+        MulticlassCalibrationError(probs.shape[1], n_bins=15, norm=norm),
+    )
+    for p, y in zip(probs.split(7), labels.split(7)):
+        ours.update(p, y)
+        ref.update(p, y)
+    assert float(ours.compute()) == pytest.approx(float(ref.compute()), abs=1e-6)
 
 
 def test_confidence_one_gets_its_own_bin_like_torchmetrics_not_netcal():
