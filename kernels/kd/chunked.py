@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from core.losses.divergences import akl_weights, bdkd_weights
 
 # The chunk's (chunk, V) work buffers may use this fraction of the gradient buffers.
-CHUNK_BUDGET_FRACTION = 0.2
+CHUNK_BUDGET_FRACTION = 0.25
 MIN_CHUNK_BUDGET_BYTES = 8 << 20
-WORK_BUFFERS = 8  # (chunk, V) buffers alive at the peak of one chunk (logits + temporaries)
 
 Spec = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,15 +32,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pick_chunk_size(n: int, v: int, d: int, dtype: torch.dtype) -> int:
-    """Rows per chunk so that ~WORK_BUFFERS (chunk, V) buffers fit the budget.
+def pick_chunk_size(n: int, v: int, d: int, dtype: torch.dtype, n_buffers: int) -> int:
+    """Rows per chunk so that ``n_buffers`` (chunk, V) work buffers fit the budget.
 
     The budget is ``CHUNK_BUDGET_FRACTION`` of the gradient buffers ((N + V) x D), so the peak
-    memory above the inputs stays near 1.2 x the gradient buffers.
+    memory above the inputs stays near 1.25 x the gradient buffers. Fewer rows per chunk
+    mean more passes over the weights (memory-bound GEMMs): smaller but slower.
     """
     item = torch.finfo(acc_dtype(dtype)).bits // 8
     budget = max(CHUNK_BUDGET_FRACTION * (n + v) * d * item, MIN_CHUNK_BUDGET_BYTES)
-    return max(1, min(int(budget // (v * item * WORK_BUFFERS)), n))
+    return max(1, min(int(budget // (v * item * n_buffers)), n))
 
 
 def _through_softmax(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,17 @@ def _fkl_rkl(ls, lt, q, p):
     return fkl, rkl, q - p, d.sub_(rkl[:, None]).mul_(q)
 
 
-def _forward_kl(ls, lt, q, p):
-    return (p * (lt - ls)).sum(-1), q - p
+def _forward_kl(s, t):
+    """FKL from scaled logits, overwriting s and t (one extra buffer): loss, d/ds = q - p."""
+    s.sub_(s.amax(-1, keepdim=True))
+    t.sub_(t.amax(-1, keepdim=True))
+    p = t.exp()  # (k, V) unnormalised teacher probabilities
+    z_t = p.sum(-1)
+    cross = t.sub_(s).mul_(p).sum(-1)  # sum_j e^t_j (t_j - s_j), shifted logits
+    z_s = s.exp_().sum(-1)  # s <- unnormalised student probabilities
+    loss = cross / z_t - z_t.log() + z_s.log()
+    g = s.mul_(z_s.reciprocal()[:, None]).sub_(p.mul_(z_t.reciprocal()[:, None]))
+    return loss, g
 
 
 def _reverse_kl(ls, lt, q, p):
@@ -126,26 +135,27 @@ def _dual_head_binary_kl(s, t):
     return loss, g.sub_(g.mean(-1, keepdim=True))  # through the centring
 
 
-# name -> (per-chunk closed form, whether it reads log-softmax outputs)
-SPECS: dict[str, tuple[Spec, bool]] = {
-    "forward_kl": (_forward_kl, True),
-    "reverse_kl": (_reverse_kl, True),
-    "symmetric_kl": (_symmetric_kl, True),
-    "js": (_js, True),
-    "total_variation": (_total_variation, True),
-    "skew_kl": (_skew_kl, True),
-    "skew_reverse_kl": (_skew_reverse_kl, True),
-    "akl": (_akl, True),
-    "bdkd": (_bdkd, True),
-    "binary_kl": (_binary_kl, False),
-    "dual_head_binary_kl": (_dual_head_binary_kl, False),
+# name -> (per-chunk closed form, whether it reads log-softmax outputs (else scaled logits),
+#          (chunk, V) buffers alive at its peak, counted with the two logit buffers)
+SPECS: dict[str, tuple[Spec, bool, int]] = {
+    "forward_kl": (_forward_kl, False, 3),
+    "reverse_kl": (_reverse_kl, True, 6),
+    "symmetric_kl": (_symmetric_kl, True, 7),
+    "js": (_js, True, 7),
+    "total_variation": (_total_variation, True, 6),
+    "skew_kl": (_skew_kl, True, 7),
+    "skew_reverse_kl": (_skew_reverse_kl, True, 7),
+    "akl": (_akl, True, 8),
+    "bdkd": (_bdkd, True, 7),
+    "binary_kl": (_binary_kl, False, 6),
+    "dual_head_binary_kl": (_dual_head_binary_kl, False, 8),
 }
 
 
 def _sweep(e_s, w_s, e_t, w_t, targets, valid, n_valid, opts, need_grad):
     """One pass over the valid rows: the scalar loss and, if asked, (dE_s, dW_s)."""
     divergence, temperature, hard_weight, scale, chunk_size, hparams = opts
-    spec, uses_softmax = SPECS[divergence]
+    spec, uses_softmax, _ = SPECS[divergence]
     v = w_s.shape[0]
     total = e_s.new_zeros(())
     de = e_s.new_zeros(e_s.shape) if need_grad else None
@@ -250,7 +260,8 @@ def chunked_linear_kd(
         valid = None if n_valid == n else keep.nonzero().squeeze(1)
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     if chunk_size is None:
-        chunk_size = pick_chunk_size(n, w_s.shape[0], e_s.shape[1], e_s.dtype)
+        n_buf = SPECS[divergence][2] + (1 if hard_weight > 0 else 0)
+        chunk_size = pick_chunk_size(n, w_s.shape[0], e_s.shape[1], e_s.dtype, n_buf)
     need_grad = torch.is_grad_enabled() and (e_s.requires_grad or w_s.requires_grad)
     opts = (divergence, float(temperature), float(hard_weight), scale, int(chunk_size), hparams)
     return _ChunkedLinearKD.apply(e_s, w_s, e_t, w_t, targets, valid, n_valid, opts, need_grad)

@@ -98,10 +98,10 @@ def test_teacher_gets_no_gradient_and_no_grad_mode():
 
 
 def test_chunk_size_keeps_work_buffers_small():
-    rows = pick_chunk_size(4096, 65536, 512, torch.float32)
-    work = 8 * rows * 65536 * 4  # eight (chunk, V) fp32 buffers
-    assert work <= 0.25 * (4096 + 65536) * 512 * 4
-    assert pick_chunk_size(3, 10, 4, torch.float32) == 3
+    rows = pick_chunk_size(4096, 65536, 512, torch.float32, n_buffers=3)
+    work = 3 * rows * 65536 * 4  # three (chunk, V) fp32 buffers
+    assert work <= 0.25 * (4096 + 65536) * 512 * 4 < 3 * (rows + 1) * 65536 * 4
+    assert pick_chunk_size(3, 10, 4, torch.float32, n_buffers=8) == 3
 
 
 def test_bad_inputs_raise_value_error():

@@ -1,0 +1,156 @@
+"""Benchmark: fused linear KD loss vs the materialised loss, time (fwd+bwd) and peak memory.
+
+Each method runs in a fresh subprocess. Memory is the peak RSS during one fwd+bwd above the
+RSS before it (Linux VmHWM, reset through /proc/self/clear_refs), or on CUDA the peak
+allocated memory above the inputs; it is compared with the gradient buffers ((N + V) x D
+floats, the lower bound of any method). The first call (which also pays one-time library
+initialisation) is reported apart from the steady-state second call. Liger's fused linear JSD is timed too when a GPU and
+liger-kernel are present.
+
+    python -m kernels.kd.benchmark --n 4096 --v 65536 --d 512 --divergence forward_kl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _loss_fn(method: str, divergence: str, temperature: float, chunk_size: int | None):
+    if method == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD  # GPU-only peer
+
+        jsd = LigerFusedLinearJSD(jsd_beta=0.5, temperature=temperature)
+        return lambda e_s, w_s, e_t, w_t: jsd(e_s, w_s, e_t, w_t)
+    from kernels.kd import linear_kd
+
+    if method == "materialised":
+        kw = {"impl": "reference"}
+    else:
+        kw = {"impl": "chunked", "chunk_size": chunk_size}
+    return lambda e_s, w_s, e_t, w_t: linear_kd(
+        e_s, w_s, e_t, w_t, divergence=divergence, temperature=temperature, **kw
+    )
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Build inputs, run one fwd+bwd for the memory peak, then time ``repeats`` more."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads) if args.threads else None
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    e_s = (torch.randn(args.n, args.d, device=dev) / args.d**0.5).requires_grad_()
+    w_s = torch.randn(args.v, args.d, device=dev).requires_grad_()
+    e_t = torch.randn(args.n, args.d, device=dev) / args.d**0.5
+    w_t = torch.randn(args.v, args.d, device=dev)
+    fn = _loss_fn(args.method, args.divergence, args.temperature, args.chunk_size)
+
+    def step() -> float:
+        e_s.grad = w_s.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(e_s, w_s, e_t, w_t).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def peak_of_step() -> tuple[float, float]:
+        """(seconds, peak bytes above the memory before the step)."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            sec = step()
+            return sec, torch.cuda.max_memory_allocated() - base
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _rss_kib("VmRSS")
+        sec = step()
+        return sec, (_rss_kib("VmHWM") - base) * 1024
+
+    first_s, first_peak = peak_of_step()  # includes one-time library initialisation
+    e_s.grad = w_s.grad = None
+    _, peak = peak_of_step()  # steady state: a second call in the same process
+    times = [step() for _ in range(args.repeats)]
+    return {
+        "method": args.method,
+        "peak_above_inputs_mb": peak / 2**20,
+        "first_call_peak_mb": first_peak / 2**20,
+        "time_s": statistics.median(times),
+        "first_call_s": first_s,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--v", type=int, default=65536)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--divergence", default="forward_kl")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--methods", default="materialised,chunked", help="comma-separated")
+    p.add_argument("--chunk-size", type=int, default=None, help="chunked rows per chunk")
+    p.add_argument("--method", help=argparse.SUPPRESS)  # set in the worker subprocess
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    if args.method:
+        print(json.dumps(worker(args)))
+        return
+    methods = args.methods.split(",")
+    if args.device.startswith("cuda") and "liger" not in methods:
+        try:
+            import liger_kernel  # noqa: F401
+
+            methods.append("liger")
+        except ImportError:
+            print("liger-kernel not installed: skipping its fused linear JSD", file=sys.stderr)
+    grad_mb = (args.n + args.v) * args.d * 4 / 2**20
+    rows = []
+    for m in methods:
+        out = subprocess.run(
+            [sys.executable, "-m", "kernels.kd.benchmark", *sys.argv[1:], "--method", m],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r["time_s"] for r in rows if r["method"] == "materialised"), float("nan"))
+    print(
+        f"N={args.n} V={args.v} D={args.d} {args.divergence} on {args.device}; grad buffers {grad_mb:.1f} MB"
+    )
+    print(f"{'method':<14}{'time s':>10}{'x mat.':>9}{'peak MB':>11}{'x grads':>9}{'1st MB':>9}")
+    for r in rows:
+        r["time_vs_materialised"] = r["time_s"] / base
+        r["peak_vs_grad_buffers"] = r["peak_above_inputs_mb"] / grad_mb
+        print(
+            f"{r['method']:<14}{r['time_s']:>10.3f}{r['time_vs_materialised']:>9.2f}"
+            f"{r['peak_above_inputs_mb']:>11.1f}{r['peak_vs_grad_buffers']:>9.2f}"
+            f"{r['first_call_peak_mb']:>9.1f}"
+        )
+    if args.out:
+        from core.utils.io import atomic_write_json
+
+        atomic_write_json(
+            args.out, {"config": vars(args), "grad_buffers_mb": grad_mb, "rows": rows}
+        )
+
+
+if __name__ == "__main__":
+    main()
