@@ -62,7 +62,7 @@ class LMModule(L.LightningModule):
         self.log("val/loss", self.loss(*batch), prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.history["val"].append(
                 (self.global_step, self.trainer.callback_metrics["val/loss"].item())
             )
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss-impl", choices=LOSS_IMPLS, required=True)
     args = parser.parse_args(argv)
     metrics = run(load_params(args.params), args.loss_impl)
-    print({k: v for k, v in metrics.items()})
+    print(metrics)
 
 
 if __name__ == "__main__":
