@@ -165,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params["adapt"]
     root = params["paths"]["corrupted"]
     out = Path(params["paths"]["results"]) / "errors.json"
-    results: dict = {"errors": {}, "seconds": {}}
-    if args.norms and out.exists():
-        results = json.loads(out.read_text(encoding="utf-8"))
-    results.update(severity=cfg["severity"], seeds=cfg["seeds"])
+    results: dict = {
+        "severity": cfg["severity"],
+        "seeds": cfg["seeds"],
+        "errors": {},
+        "seconds": {},
+    }
     for norm in args.norms or cfg["norms"]:
         results["errors"][norm] = {}
         model = load_source_model(params, norm)
@@ -192,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{norm} seed={seed} {sname:12s} {mname:7s} err {mean:5.1f}%  {secs:5.1f}s"
                     )
+    if args.norms and out.exists():  # keep the other norms' results (read at the end: runs overlap)
+        old = json.loads(out.read_text(encoding="utf-8"))
+        results["errors"] = {**old["errors"], **results["errors"]}
+        results["seconds"] = {**old["seconds"], **results["seconds"]}
     atomic_write_json(out, results)
     return 0
 
