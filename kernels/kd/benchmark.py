@@ -48,7 +48,7 @@ def _loss_fn(method: str, divergence: str, temperature: float, chunk_size: int |
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Build inputs, run one fwd+bwd for the memory peak, then time ``repeats`` more."""
+    """Build inputs; peak memory of a first and a second fwd+bwd; median time of ``repeats`` more."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads) if args.threads else None
     dev = torch.device(args.device)
@@ -96,6 +96,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    """CLI: run every method in its own subprocess, print the table, optionally save JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--v", type=int, default=65536)
