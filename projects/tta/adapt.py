@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         results["errors"][norm] = {}
         model = load_source_model(params, norm)
         for seed in cfg["seeds"]:
-            source = source_subset(cfg["n_source"], seed)
+            needs_source = {"eata", "rmt"} & set(cfg["methods"])
+            source = source_subset(cfg["n_source"], seed) if needs_source else None
             for sname, setting in cfg["settings"].items():
                 corruptions = setting.get("corruptions", cfg["corruptions"])
                 stream = make_stream(setting, corruptions, cfg["severity"], root, seed)

@@ -426,7 +426,7 @@ class SAR(TTAMethod):
             for p, e in zip(params, eps):
                 p.add_(e)
         self.optimizer.zero_grad()
-        ent2 = shannon_entropy(self.model(x[keep]))
+        ent2 = shannon_entropy(self.model(x))[keep]  # full batch: same BN statistics as step 1
         keep2 = ent2.detach() < e0
         if keep2.any():
             loss2 = ent2[keep2].mean()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.models.resnet import ResNet
-from projects.tta.adapt import GRADUAL, label_order, make_stream, method_kwargs, run_stream
+from projects.tta.adapt import GRADUAL, label_order, main, make_stream, method_kwargs, run_stream
 from projects.tta.common import load_params
 from projects.tta.methods import METHODS, build
 from projects.tta.report import claims, render
@@ -109,3 +109,30 @@ def test_report_renders_tables_and_checks_claims():
         ["source", "tent", "rmt"],
     )
     assert "| tent | 30.5 ± 0.5 | 60.5 ± 0.5 |" in text and "BN 91.00%" in text
+
+
+def test_adapt_main_per_norm_runs_merge(fake_root, tmp_path):
+    """``--norms bn`` then ``--norms gn`` leaves both norms' errors in errors.json."""
+    import json
+
+    import yaml
+
+    params = load_params()
+    params["model"] = {"width": 4, "blocks": 1, "stem_stride": 2}
+    params["paths"].update(
+        checkpoints=str(tmp_path), results=str(tmp_path / "results"), corrupted=fake_root
+    )
+    params["adapt"].update(seeds=[0], methods=["source", "bn", "tent"], corruptions=NAMES)
+    params["adapt"]["settings"] = {"reset": {"stream": "reset", "batch_size": 20, "n_images": 20}}
+    for norm in ("bn", "gn"):
+        torch.save(
+            ResNet(norm=norm, **params["model"]).state_dict(), tmp_path / f"source-{norm}.pt"
+        )
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    main(["--params", str(path), "--norms", "bn"])
+    main(["--params", str(path), "--norms", "gn"])
+    out = json.loads((tmp_path / "results" / "errors.json").read_text())
+    assert set(out["errors"]) == {"bn", "gn"}
+    assert set(out["errors"]["gn"]["reset"]) == {"source", "bn", "tent"}
+    assert all(len(v) == 1 for v in out["errors"]["bn"]["reset"]["tent"].values())
