@@ -77,9 +77,18 @@ def _forward_kl(s, t):
     return loss, g
 
 
-def _reverse_kl(ls, lt, q, p):
-    _, rkl, _, g = _fkl_rkl(ls, lt, q, p)
-    return rkl, g
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    return x.sub_(x.logsumexp(-1, keepdim=True))
+
+
+def _reverse_kl(s, t):
+    """RKL from scaled logits, overwriting s and t: loss, d/ds = q (log q/p - RKL)."""
+    ls, lt = _log_softmax_(s), _log_softmax_(t)
+    d = lt.neg_().add_(ls)  # (k, V) log q - log p, in t
+    q = ls.exp_()  # in s
+    qd = d.mul_(q)
+    rkl = qd.sum(-1)
+    return rkl, qd.addcmul_(q, rkl[:, None], value=-1.0)
 
 
 def _symmetric_kl(ls, lt, q, p):
@@ -87,10 +96,19 @@ def _symmetric_kl(ls, lt, q, p):
     return fkl + rkl, gf.add_(gr)
 
 
-def _js(ls, lt, q, p, beta: float = 0.5):
-    lm = _log_mix(lt, ls, beta)  # log m, m = beta p + (1 - beta) q
-    loss = beta * (p * (lt - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
-    return loss, _through_softmax(q, lm.neg_().add_(ls).mul_(1 - beta))  # g = (1-b) log(q/m)
+def _js(s, t, beta: float = 0.5):
+    """Generalised JS from scaled logits, overwriting s and t (three extra buffers).
+
+    d/ds = (1 - beta) q (log(q/m) - <q, log(q/m)>), m = beta p + (1 - beta) q.
+    """
+    ls, lt = _log_softmax_(s), _log_softmax_(t)
+    q, p = ls.exp(), lt.exp()
+    m = p.mul(beta).add_(q, alpha=1 - beta)  # (k, V); 0 only where p and q underflow
+    lm = m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
+    fwd = lt.sub_(lm).mul_(p).sum(-1)  # KL(p || m); t is scratch from here on
+    r = ls.sub_(lm)  # log(q / m), in s
+    rev = torch.mul(r, q, out=t).sum(-1)  # KL(q || m)
+    return beta * fwd + (1 - beta) * rev, r.sub_(rev[:, None]).mul_(q).mul_(1 - beta)
 
 
 def _total_variation(ls, lt, q, p):
@@ -139,9 +157,9 @@ def _dual_head_binary_kl(s, t):
 #          (chunk, V) buffers alive at its peak, counted with the two logit buffers)
 SPECS: dict[str, tuple[Spec, bool, int]] = {
     "forward_kl": (_forward_kl, False, 3),
-    "reverse_kl": (_reverse_kl, True, 6),
+    "reverse_kl": (_reverse_kl, False, 3),
     "symmetric_kl": (_symmetric_kl, True, 7),
-    "js": (_js, True, 7),
+    "js": (_js, False, 5),
     "total_variation": (_total_variation, True, 6),
     "skew_kl": (_skew_kl, True, 7),
     "skew_reverse_kl": (_skew_reverse_kl, True, 7),

@@ -126,3 +126,11 @@ def test_reference_supports_targets_only_divergences():
     e_s, w_s, e_t, w_t, y = _inputs(seed=6)
     loss = reference_linear_kd(e_s, w_s, e_t, w_t, divergence="dkd", targets=y)
     assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.parametrize("name", FUSED_DIVERGENCES)
+def test_finite_at_extreme_logits(name):
+    e_s, w_s, e_t, w_t, y = _inputs(seed=7, n=9)
+    e_s = (2e3 * e_s.detach()).requires_grad_()  # logits of order +-1e4
+    loss, de, dw = _run(e_s, w_s, e_t * 2e3, w_t, divergence=name, targets=y, hard_weight=0.1)
+    assert torch.isfinite(loss) and torch.isfinite(de).all() and torch.isfinite(dw).all()
