@@ -324,7 +324,8 @@ reverse_kl = _make(
 symmetric_kl = _make(
     "symmetric_kl",
     _symmetric_kl,
-    """Jeffreys divergence KL(p_t || p_s) + KL(p_s || p_t), times T^2; (N, C) -> reduced.""",
+    """Jeffreys divergence KL(p_t || p_s) + KL(p_s || p_t), times T^2; (N, C) -> reduced.
+    Jeffreys 1946, "An invariant form for the prior probability in estimation problems".""",
 )
 js = _make(
     "js",
