@@ -7,8 +7,9 @@ For reduction "mean"/"sum" without ``return_lse`` the gradients are computed dur
 forward (the loss is a scalar, so backward only scales them). For reduction "none" or
 ``return_lse`` the per-row output gradients are unknown at forward time, so the forward
 computes loss and LSE only (2 N V D) and the backward recomputes chunk by chunk with the
-exact per-row weights (6 N V D). ``filter_eps`` is not used here: on CPU the dense GEMMs
-cost the same whether or not a tile could be skipped.
+exact per-row weights (6 N V D). fp16/bf16 inputs are upcast once to fp32 (CPU half GEMMs
+are slow and accumulate less exactly); gradients come back in the input dtype. ``filter_eps``
+is not used here: on CPU the dense GEMMs cost the same whether or not a tile could be skipped.
 
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """

@@ -215,3 +215,17 @@ def test_bad_inputs_raise_value_error(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(args["e"], args["c"], args["t"], bias=args["b"], **opts)
+
+
+def test_auto_never_uses_the_materialised_reference(monkeypatch):
+    import kernels.cce.api as api
+
+    def boom(*args, **kwargs):
+        raise AssertionError("impl='auto' called the materialised reference")
+
+    monkeypatch.setattr(api, "reference_linear_cross_entropy", boom)
+    e, c, t, _ = make_inputs(20, 30, 6, torch.float32)
+    ref, _ = reference_linear_cross_entropy(e, c, t)
+    torch.testing.assert_close(linear_cross_entropy(e, c, t), ref)
+    with pytest.raises(AssertionError, match="materialised"):
+        linear_cross_entropy(e, c, t, impl="reference")
