@@ -7,7 +7,8 @@ Each (method, V) runs in a fresh subprocess. Memory is the peak above the inputs
 RSS sampled by a thread minus the RSS after the inputs exist (after one warm-up call and
 malloc_trim, so compile caches and BLAS buffers do not count); on CUDA max_memory_allocated
 minus the allocated bytes before the call. Times are the best of ``--repeats`` calls after the
-warm-up. Each row also reports time / (6 N V D flops at the measured sgemm rate) and memory /
+warm-up. Results are rewritten after every row (``--resume`` skips rows already there).
+Each row also reports time / (6 N V D flops at the measured sgemm rate) and memory /
 the fp32 gradient buffers ((N + V) x D x 4 bytes). Writes results.json, results.md and
 memory_time_vs_v.png into --out (atomically).
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-logits-gb", type=float, default=6.0,
                    help="skip materialising methods above 3 x N x V x 4 bytes")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="keep rows already in --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -262,9 +264,19 @@ def main(argv: list[str] | None = None) -> None:
     vs = sorted({int(x) for x in a.sweep.split(",") if x} | {a.v})
     rate, cpu_rate = sgemm_rate(a.n, a.v, a.d, a.device)
     grad_bytes = lambda v: (a.n + v) * a.d * 4  # noqa: E731
+    meta = {"n": a.n, "v": a.v, "d": a.d, "device": a.device, "repeats": a.repeats,
+            "threads": torch.get_num_threads(), "sgemm_gflops": rate / 1e9,
+            "sgemm_gflops_per_cpu_s": cpu_rate / 1e9,
+            "bound_s": 6 * a.n * a.v * a.d / rate, "grad_buffer_bytes": grad_bytes(a.v),
+            "torch": torch.__version__}  # fmt: skip
     rows = []
+    if a.resume and (a.out / "results.json").exists():  # keep rows measured by an earlier run
+        rows = json.loads((a.out / "results.json").read_text())["rows"]
+    done = {(r["method"], r["v"]) for r in rows if r["n"] == a.n and r["d"] == a.d}
     for v in vs:
         for m in methods:
+            if (m, v) in done:
+                continue
             reason = _available(m, a.device)
             if reason is None and m in MATERIALISED and 3 * a.n * v * 4 > a.max_logits_gb * 2**30:
                 reason = f"skipped: 3 x N x V x 4 B > {a.max_logits_gb} GB"
@@ -278,16 +290,16 @@ def main(argv: list[str] | None = None) -> None:
                 r["mem_vs_grad_buffers"] = r["peak_mem_bytes"] / grad_bytes(v)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    meta = {"n": a.n, "v": a.v, "d": a.d, "device": a.device, "repeats": a.repeats,
-            "threads": torch.get_num_threads(), "sgemm_gflops": rate / 1e9,
-            "sgemm_gflops_per_cpu_s": cpu_rate / 1e9,
-            "bound_s": 6 * a.n * a.v * a.d / rate, "grad_buffer_bytes": grad_bytes(a.v),
-            "torch": torch.__version__}  # fmt: skip
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(a.out / "results.json", {"meta": meta, "rows": rows})
-    main_rows = [r for r in rows if r["v"] == a.v] + [r for r in rows if r["v"] != a.v]
-    atomic_write_text(a.out / "results.md", _markdown(main_rows, meta))
-    _plot(rows, a.out / "memory_time_vs_v.png")
+            _write(a.out, meta, rows)  # after every row: a killed sweep keeps what it measured
+    _write(a.out, meta, rows)
+
+
+def _write(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r["v"] != meta["v"], r["v"]))  # the main V first
+    atomic_write_json(out / "results.json", {"meta": meta, "rows": rows})
+    atomic_write_text(out / "results.md", _markdown(rows, meta))
+    _plot(rows, out / "memory_time_vs_v.png")
 
 
 if __name__ == "__main__":
