@@ -10,7 +10,7 @@ minus the allocated bytes before the call. Times are the best of ``--repeats`` c
 warm-up. Results are rewritten after every row (``--resume`` skips rows already there).
 Each row also reports time / (6 N V D flops at the measured sgemm rate) and memory /
 the fp32 gradient buffers ((N + V) x D x 4 bytes). Writes results.json, results.md and
-memory_time_vs_v.png into --out (atomically).
+memory_time_vs_v.png (on CPU its time axis is process CPU time) into --out, atomically.
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """
 
@@ -214,7 +214,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     return intro + head + "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, cpu_time: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,8 +226,11 @@ def _plot(rows: list[dict], path: Path) -> None:
         if ok:
             vs = [r["v"] for r in ok]
             ax_m.plot(vs, [r["peak_mem_bytes"] / 2**20 for r in ok], "o-", label=m)
-            ax_t.plot(vs, [r["fwd_bwd_s"] for r in ok], "o-", label=m)
-    for ax, lab in ((ax_m, "peak memory above inputs (MB)"), (ax_t, "forward+backward (s)")):
+            ax_t.plot(
+                vs, [r["fwd_bwd_cpu_s" if cpu_time else "fwd_bwd_s"] for r in ok], "o-", label=m
+            )
+    t_label = "forward+backward, process CPU s" if cpu_time else "forward+backward (s)"
+    for ax, lab in ((ax_m, "peak memory above inputs (MB)"), (ax_t, t_label)):
         ax.set(xscale="log", yscale="log", xlabel="vocabulary size V", ylabel=lab)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
@@ -299,7 +302,7 @@ def _write(out: Path, meta: dict, rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: (r["v"] != meta["v"], r["v"]))  # the main V first
     atomic_write_json(out / "results.json", {"meta": meta, "rows": rows})
     atomic_write_text(out / "results.md", _markdown(rows, meta))
-    _plot(rows, out / "memory_time_vs_v.png")
+    _plot(rows, out / "memory_time_vs_v.png", cpu_time=meta["device"] == "cpu")
 
 
 if __name__ == "__main__":
