@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 
-# Chunk buffers may use this fraction of the gradient buffers ((N + V) x D), at least 8 MiB.
-CHUNK_BUDGET_FRACTION = 0.2
-MIN_CHUNK_BUDGET_BYTES = 8 << 20
+# Peak memory above the inputs may reach MEMORY_TARGET x the gradient buffers ((N + V) x D
+# accumulators); the chunk buffers get what is left after a safety margin, at least 1 MiB.
+MEMORY_TARGET = 1.25
+SAFETY_BYTES = 2 << 20
+MIN_CHUNK_BUDGET_BYTES = 1 << 20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,13 +33,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def pick_chunk_size(n: int, v: int, d: int, dtype: torch.dtype, n_buffers: int = 1) -> int:
     """Rows per chunk so that the (V, chunk) buffers fit in the memory budget.
 
-    The budget is ``CHUNK_BUDGET_FRACTION`` of the gradient buffers ((N + V) x D accumulators),
-    which keeps the peak memory above the inputs near 1.2 x the gradient buffers.
+    Budget: (MEMORY_TARGET - 1) x the gradient buffers ((N + V) x D accumulators) minus a small
+    margin, so the peak above the inputs stays <= MEMORY_TARGET x the gradient buffers.
     """
     item = torch.finfo(acc_dtype(dtype)).bits // 8
-    budget = max(CHUNK_BUDGET_FRACTION * (n + v) * d * item, MIN_CHUNK_BUDGET_BYTES)
+    grad_bytes = (n + v) * d * item
+    budget = max((MEMORY_TARGET - 1) * grad_bytes - SAFETY_BYTES, MIN_CHUNK_BUDGET_BYTES)
     rows = int(budget // (v * item * n_buffers))
-    rows = rows // 16 * 16 if rows >= 32 else max(rows, 1)
+    rows = rows // 8 * 8 if rows >= 16 else max(rows, 1)
     return max(1, min(rows, n))
 
 

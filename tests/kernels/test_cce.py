@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.losses import LOSSES, LinearCrossEntropy, linear_cross_entropy
-from kernels.cce.chunked import CHUNK_BUDGET_FRACTION, MIN_CHUNK_BUDGET_BYTES, pick_chunk_size
+from kernels.cce.chunked import MEMORY_TARGET, pick_chunk_size
 from kernels.cce.reference import reference_linear_cross_entropy
 from tests.kernels.cce_helpers import (
     assert_tolerance_rule,
@@ -147,9 +147,9 @@ def test_eager_backward_hands_over_buffers_scales_and_refuses_a_second_call():
 def test_chunk_size_respects_memory_budget():
     n, v, d = 4096, 65536, 512
     rows = pick_chunk_size(n, v, d, torch.float32)
-    budget = max(CHUNK_BUDGET_FRACTION * (n + v) * d * 4, MIN_CHUNK_BUDGET_BYTES)
-    assert rows >= 16 and rows * v * 4 <= budget
-    assert pick_chunk_size(n, v, d, torch.float32, n_buffers=2) <= rows // 2 + 16
+    grad_bytes = (n + v) * d * 4
+    assert rows >= 64 and grad_bytes + rows * v * 4 <= MEMORY_TARGET * grad_bytes
+    assert pick_chunk_size(n, v, d, torch.float32, n_buffers=2) <= rows // 2
     assert pick_chunk_size(5, 10, 3, torch.float32) == 5
 
 
