@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 # Peak memory above the inputs may reach MEMORY_TARGET x the gradient buffers ((N + V) x D
-# accumulators); the chunk buffers get what is left after a safety margin, at least 8 MiB (GEMM efficiency
-# at small V, where the absolute memory is small anyway).
+# accumulators); the chunk buffers get what is left after a safety margin, but at least 8 MiB
+# (GEMM efficiency at small V, where the absolute memory is small anyway).
 MEMORY_TARGET = 1.25
 SAFETY_BYTES = 2 << 20
 MIN_CHUNK_BUDGET_BYTES = 8 << 20
