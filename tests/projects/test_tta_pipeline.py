@@ -136,3 +136,7 @@ def test_adapt_main_per_norm_runs_merge(fake_root, tmp_path):
     assert set(out["errors"]) == {"bn", "gn"}
     assert set(out["errors"]["gn"]["reset"]) == {"source", "bn", "tent"}
     assert all(len(v) == 1 for v in out["errors"]["bn"]["reset"]["tent"].values())
+    # both norms at once in two worker processes give the same errors as the per-norm runs
+    main(["--params", str(path)])
+    both = json.loads((tmp_path / "results" / "errors.json").read_text())
+    assert params["workers"] == 2 and both["errors"] == out["errors"]
