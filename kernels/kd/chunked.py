@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from core.losses.divergences import akl_weights, bdkd_weights
+from core.losses.divergences import _log_cosh_half, akl_weights, bdkd_weights
 
 # The chunk's (chunk, V) work buffers may use this fraction of the gradient buffers.
 CHUNK_BUDGET_FRACTION = 0.25
@@ -152,8 +152,9 @@ def _binary_kl(s, t):
 
 
 def _dual_head_binary_kl(s, t):
-    loss, g = _binary_kl(s - s.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True))
-    return loss, g.sub_(g.mean(-1, keepdim=True))  # through the centring
+    """BinaryKL-Norm from scaled logits: loss sum_c log cosh(d_c / 2), d/ds = sigmoid(d) - 1/2."""
+    d = s.sub_(t)  # (k, V) s - t, in s
+    return _log_cosh_half(d).sum(-1), d.sigmoid_().sub_(0.5)
 
 
 # name -> (per-chunk closed form, whether it reads log-softmax outputs (else scaled logits),
@@ -169,7 +170,7 @@ SPECS: dict[str, tuple[Spec, bool, int]] = {
     "akl": (_akl, True, 8),
     "bdkd": (_bdkd, True, 7),
     "binary_kl": (_binary_kl, False, 6),
-    "dual_head_binary_kl": (_dual_head_binary_kl, False, 8),
+    "dual_head_binary_kl": (_dual_head_binary_kl, False, 6),
 }
 
 

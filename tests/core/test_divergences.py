@@ -2,6 +2,7 @@
 
 import math
 
+import mpmath
 import numpy as np
 import ot
 import pytest
@@ -131,19 +132,39 @@ def test_bdkd_weights_follow_entropy_gap():
 
 def test_binary_kl_and_norm_match_closed_form():
     s, t = _logits(4)
-    t = t + 5.0  # a shift changes binary KL but not the normalised version
 
-    def bkl(a, b):
-        pa, pb = expit(a), expit(b)
+    def bkl(pa, pb):  # sum_c KL(Bern(pa) || Bern(pb))
         return (pa * np.log(pa / pb) + (1 - pa) * np.log((1 - pa) / (1 - pb))).sum(-1)
 
     sn, tn = s.numpy(), t.numpy()
     np.testing.assert_allclose(
-        _per_row("binary_kl", s, t, temperature=2.0), 4.0 * bkl(tn / 2, sn / 2), rtol=1e-10
+        _per_row("binary_kl", s, t, temperature=2.0),
+        4.0 * bkl(expit(tn / 2), expit(sn / 2)),
+        rtol=1e-10,
     )
-    centred = bkl(tn - tn.mean(-1, keepdims=True), sn - sn.mean(-1, keepdims=True))
-    np.testing.assert_allclose(_per_row("dual_head_binary_kl", s, t), centred, rtol=1e-10)
-    np.testing.assert_allclose(_per_row("dual_head_binary_kl", s, t - 5.0), centred, rtol=1e-10)
+    # BinaryKL-Norm as the DHKD authors' code computes it (distiller_zoo/BinaryKLNorm.py):
+    # KL(Bern(1/2) || Bern(sigmoid((s - t) / T))) summed over classes, times T^2
+    want = 4.0 * bkl(np.full_like(sn, 0.5), expit((sn - tn) / 2))
+    np.testing.assert_allclose(
+        _per_row("dual_head_binary_kl", s, t, temperature=2.0), want, rtol=1e-10
+    )
+    # zero only when the logits match exactly: a common shift is penalised (unlike softmax KL)
+    assert np.abs(_per_row("dual_head_binary_kl", s, s.clone())).max() == 0.0
+    assert (_per_row("dual_head_binary_kl", s, s + 1.0) > 0.1).all()
+
+
+def test_dual_head_log_cosh_is_accurate_for_small_and_large_gaps():
+    gaps = [1e-6, 1e-3, 0.5, 1.999, 2.0, 3.0, 40.0, 1e4]
+    d = torch.tensor(gaps, dtype=torch.float64)
+    s = torch.stack([d, torch.zeros_like(d)], -1)  # (8, 2): one class with gap d, one with 0
+    with mpmath.workdps(50):  # log cosh(0) = 0 for the second class
+        want = [float(mpmath.log(mpmath.cosh(mpmath.mpf(x) / 2))) for x in gaps]
+    np.testing.assert_allclose(
+        _per_row("dual_head_binary_kl", s, torch.zeros_like(s)), want, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        _per_row("dual_head_binary_kl", -s, torch.zeros_like(s)), want, rtol=1e-12
+    )
 
 
 def test_dkd_decomposition_and_value():
