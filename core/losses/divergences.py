@@ -438,13 +438,20 @@ def sinkhorn(
     eps: float = 0.1,
     n_iters: int = 20,
 ) -> torch.Tensor:
-    """SinKD batch-wise Sinkhorn distance sum(P * W) * T^2 between student and teacher batches.
+    """SinKD's batch-wise Sinkhorn distance <P, W> * T^2 between the student and teacher batches.
 
-    W (B, B) is the pairwise L1 distance between student row i and teacher row j
-    distributions; P is the entropic OT plan with uniform marginals after ``n_iters``
-    log-domain Sinkhorn iterations with regularisation ``eps``. A batch scalar, so
-    ``reduction`` "mean" and "sum" both return it and "none" is refused.
-    Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for KD", arXiv:2402.17110.
+    W (B, B) holds the L1 distances ||p_s,i - p_t,j||_1 between student row i and teacher
+    row j (p = softmax(z / T)); K = exp(-W / eps); P is K after ``n_iters`` Sinkhorn sweeps,
+    each scaling the rows then the columns (log domain here). As in the authors' code
+    (github.com/2018cx/SinKD loss.py, ``sinkhorn_loss``: eps 0.1, 20 sweeps, rows then
+    columns, each normalised to sum 1), ``reduction="sum"`` returns sum(P * W) for that
+    doubly stochastic P (each sample carries mass 1); ``"mean"`` divides by B, i.e. the
+    entropic OT cost between the two batches as uniform measures (marginals 1/B, what POT's
+    ``ot.sinkhorn(a, b, W, eps)`` computes). "none" is refused: the value is a batch scalar.
+    The authors' code takes T = 2 and a constant weight 0.002 with no T^2; T^2 here is this
+    module's convention, the weight is the caller's. Gradients flow through the iterations.
+    Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation"
+    (COLING 2024, arXiv:2402.17110), its batch-wise reformulation; equations not checked.
     """
     if reduction == "none":
         raise ValueError("sinkhorn is batch-wise: reduction='none' has no per-row value")
@@ -464,5 +471,6 @@ def sinkhorn(
     for _ in range(int(n_iters)):
         u = log_marginal - (log_k + v[None, :]).logsumexp(1)
         v = log_marginal - (log_k + u[:, None]).logsumexp(0)
-    plan = (log_k + u[:, None] + v[None, :]).exp()  # (B, B)
-    return (plan * cost).sum() * temperature**2
+    plan = (log_k + u[:, None] + v[None, :]).exp()  # (B, B), rows and columns sum to 1/B
+    total = (plan * cost).sum() * temperature**2
+    return total * b if reduction == "sum" else total

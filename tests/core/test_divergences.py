@@ -189,15 +189,43 @@ def test_dkd_decomposition_and_value():
     torch.testing.assert_close(got, (4 * 0.5 * (2 * tckd2 + 3 * nckd2)).mean())
 
 
-def test_sinkhorn_matches_pot():
+def _sinkd_reference(p_s: np.ndarray, p_t: np.ndarray, eps: float, n_iters: int) -> float:
+    """The SinKD authors' sinkhorn_loss (2018cx/SinKD loss.py) in float64 numpy."""
+    cost = np.abs(p_s[:, None, :] - p_t[None, :, :]).sum(-1)  # torch.cdist(p_s, p_t, p=1)
+    plan = np.exp(-cost / eps)
+    for _ in range(n_iters):
+        plan = plan / plan.sum(1, keepdims=True)  # rows sum to 1
+        plan = plan / plan.sum(0, keepdims=True)  # then columns sum to 1
+    return float((plan * cost).sum())
+
+
+@pytest.mark.parametrize("n_iters", [1, 20])
+def test_sinkhorn_matches_authors_code_and_pot(n_iters):
     s, t = _logits(6, scale=1.0)
     eps = 0.1
-    got = get_divergence("sinkhorn")(s, t, eps=eps, n_iters=2000, temperature=2.0)
+    f = get_divergence("sinkhorn")
     p_s, p_t = softmax(s.numpy() / 2, -1), softmax(t.numpy() / 2, -1)
+    want = 4.0 * _sinkd_reference(p_s, p_t, eps, n_iters)
+    got_sum = f(s, t, eps=eps, n_iters=n_iters, temperature=2.0, reduction="sum")
+    got_mean = f(s, t, eps=eps, n_iters=n_iters, temperature=2.0)
+    np.testing.assert_allclose(got_sum.item(), want, rtol=1e-10)
+    np.testing.assert_allclose(got_mean.item(), want / N, rtol=1e-10)
+    # POT with the same number of sweeps: it scales columns first, so give it W^T
     cost = np.abs(p_s[:, None, :] - p_t[None, :, :]).sum(-1)
     a = np.full(N, 1.0 / N)
-    plan = ot.sinkhorn(a, a, cost, eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-14)
-    np.testing.assert_allclose(got.item(), 4.0 * (plan * cost).sum(), rtol=1e-7)
+    plan = ot.sinkhorn(a, a, cost.T, eps, numItermax=n_iters, stopThr=0.0, warn=False).T
+    np.testing.assert_allclose(got_mean.item(), 4.0 * (plan * cost).sum(), rtol=1e-10)
+
+
+def test_sinkhorn_converged_matches_pot_sinkhorn2():
+    s, t = _logits(6, n=11, scale=1.0)
+    eps = 0.1
+    got = get_divergence("sinkhorn")(s, t, eps=eps, n_iters=3000, temperature=2.0)
+    p_s, p_t = softmax(s.numpy() / 2, -1), softmax(t.numpy() / 2, -1)
+    cost = np.abs(p_s[:, None, :] - p_t[None, :, :]).sum(-1)
+    a = np.full(11, 1.0 / 11)
+    value = ot.sinkhorn2(a, a, cost, eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-14)
+    np.testing.assert_allclose(got.item(), 4.0 * float(value), rtol=1e-7)
 
 
 @pytest.mark.parametrize("name", NAMES)
