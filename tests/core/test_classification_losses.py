@@ -139,7 +139,8 @@ def test_aldr_kl_matches_brute_force_max_over_lambda():
     a = margin * (1 - F.one_hot(y, c)) + x - x.gather(1, y[:, None])
     lams = torch.linspace(1e-3, 3.0, 30001, dtype=torch.float64)
     obj = lams * (torch.logsumexp(a[:, None] / lams[None, :, None], 2) - math.log(c))
-    ref = (obj - alpha / 2 * (lams - lam0) ** 2).max(1).values
+    penalty = alpha * math.log(c) / (2 * lam0) * (lams - lam0) ** 2  # authors' scaling
+    ref = (obj - penalty).max(1).values
     out = get_loss("aldr_kl")(
         x, y, lam0=lam0, alpha=alpha, margin=margin, grid=512, reduction="none"
     )
@@ -147,6 +148,31 @@ def test_aldr_kl_matches_brute_force_max_over_lambda():
     # adapting lambda can only raise the loss above LDR-KL at lam0 (lam = lam0 is feasible)
     fixed = get_loss("ldr_kl")(x, y, lam=lam0, margin=margin, reduction="none")
     assert (out >= fixed - 1e-9).all()
+
+
+@pytest.mark.parametrize(("lam0", "alpha"), [(1.0, 2.0), (0.1, 2.0), (10.0, 1.5)])
+def test_aldr_kl_matches_authors_fixed_point(lam0, alpha):
+    """ALDRLoss_V1 (github.com/DixianZhu/LDR): lam <- lam0 - lam0 KL(p_lam || 1/C) / (alpha
+    log C), run here to convergence, then lam LSE-mean(a / lam) - alpha log C / (2 lam0)
+    (lam - lam0)^2 on the logits as given (their z / mean|z| rescaling left out)."""
+    x, y = _data(n=8, c=6, scale=1.0)
+    c, margin = 6, 0.1
+    a = margin * (1 - F.one_hot(y, c)) + x - x.gather(1, y[:, None])  # (N, C)
+    log_c = math.log(c)
+    lam = torch.full((8, 1), lam0, dtype=torch.float64)
+    for _ in range(500):
+        p = torch.softmax(a / lam, 1)
+        kl = (p * torch.log(c * p)).sum(1, keepdim=True)
+        lam = lam0 - lam0 * kl / (alpha * log_c)
+    ref = (
+        lam * (torch.logsumexp(a / lam, 1, keepdim=True) - log_c)
+        - alpha * log_c / (2 * lam0) * (lam - lam0) ** 2
+    )
+    out = get_loss("aldr_kl")(
+        x, y, lam0=lam0, alpha=alpha, margin=margin, grid=4096, reduction="none"
+    )
+    torch.testing.assert_close(out, ref.squeeze(1), atol=1e-6, rtol=0)
+    assert (lam >= lam0 * (1 - 1 / alpha)).all() and (lam <= lam0).all()
 
 
 # --- others -------------------------------------------------------------------------------
