@@ -238,7 +238,7 @@ def bdkd_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BD-KD (forward, reverse) weights (N,) from the entropy gap H(p_s) - H(p_t), as constants.
 
-    ls, lt (N, C) log-probs. Amara et al. 2022, arXiv:2212.12965.
+    ls, lt (N, C) log-probs. Amara et al. 2022, arXiv:2212.12965 (rule unverified: see ``bdkd``).
     """
     with torch.no_grad():
         gap = -(ls.exp() * ls).sum(-1) + (lt.exp() * lt).sum(-1)  # H_s - H_t, (N,)
@@ -354,7 +354,10 @@ skew_kl = _make(
     _skew_kl,
     """Skew KL(p_t || lam p_t + (1 - lam) p_s) * T^2, ``lam`` in [0, 1) (default 0.1; 0 -> KL).
 
-    Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for LLMs", arXiv:2402.03898.
+    The teacher is mixed into the student side, as in ``skewed_forward_kl`` of the authors'
+    code (github.com/jongwooko/distillm distillm/losses.py, lam 0.1), which drops the constant
+    teacher entropy (same gradients). Ko et al. 2024, "DistiLLM: Towards Streamlined
+    Distillation for Large Language Models" (ICML 2024, arXiv:2402.03898), its skew KL (SKL).
     """,
 )
 skew_reverse_kl = _make(
@@ -362,7 +365,9 @@ skew_reverse_kl = _make(
     _skew_reverse_kl,
     """Skew reverse KL(p_s || lam p_s + (1 - lam) p_t) * T^2, ``lam`` in [0, 1) (default 0.1).
 
-    Ko et al. 2024 (DistiLLM), arXiv:2402.03898.
+    The student is mixed into the teacher side, as in ``skewed_reverse_kl`` of
+    github.com/jongwooko/distillm distillm/losses.py (lam 0.1). Ko et al. 2024 (DistiLLM,
+    ICML 2024, arXiv:2402.03898), its skew reverse KL (SRKL).
     """,
 )
 akl = _make(
@@ -373,8 +378,10 @@ akl = _make(
     Teacher probabilities are sorted descending and the student's are gathered with the SAME
     permutation; the head is the top classes until the teacher's cumulative mass exceeds mu
     (the top class always counts as head); w_head = g_head / (g_head + g_tail) with g the L1
-    gaps |p_t - p_s| of each part (constants, no gradient). Wu et al. 2024, "Rethinking
-    Kullback-Leibler Divergence in Knowledge Distillation for LLMs", arXiv:2404.02657.
+    gaps |p_t - p_s| of each part (constants, no gradient). Checked against the authors'
+    ``get_ratio`` / ``AKL`` in github.com/wutaiqiang/LLM_KD_AKL AKL.py (mu 0.5, head weight on
+    FKL, tail weight on RKL). Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in
+    Knowledge Distillation for Large Language Models", arXiv:2404.02657.
     """,
 )
 bdkd = _make(
@@ -385,7 +392,12 @@ bdkd = _make(
     With gap = H(p_s) - H(p_t): gap > 0 (student under-confident) -> KL(p_t||p_s) +
     lam KL(p_s||p_t) (stress mode-seeking RKL); otherwise lam KL(p_t||p_s) + KL(p_s||p_t).
     Weights are constants. Online KD: pass a teacher that requires grad to train it too.
-    Amara et al. 2022, "BD-KD: Balancing the Divergences for Online KD", arXiv:2212.12965.
+    UNVERIFIED rule: only the abstract-level description of Amara et al. 2022 ("BD-KD: Balancing
+    the Divergences for Online Knowledge Distillation", arXiv:2212.12965: sample-wise
+    weighting of forward and reverse KL by the teacher/student entropy gap; the teacher uses
+    reverse KL as a regulariser) could be checked, not its equations nor code, so the hard
+    switch, which KL gets lam, and lam = 2 are this module's reading (RKL sharpens an
+    under-confident student, FKL softens an over-confident one), not the paper's.
     """,
 )
 binary_kl = _make(
@@ -415,8 +427,12 @@ dkd = _make(
     _dkd,
     """Decoupled KD: warmup * (alpha TCKD + beta NCKD) * T^2; ``targets`` (N,) are REQUIRED.
 
-    Defaults alpha 1, beta 8 (CIFAR); ``warmup`` is the caller's min(epoch / warmup_epochs, 1).
-    The CE term of the paper's loss is not included. Zhao et al. 2022, arXiv:2203.08679.
+    Defaults alpha 1, beta 8 (CIFAR); ``warmup`` is the caller's min(epoch / warmup_epochs, 1)
+    (20 epochs on CIFAR, with T = 4). The CE term of the paper's loss is not included. Same
+    value as ``dkd_loss`` in github.com/megvii-research/mdistiller mdistiller/distillers/DKD.py
+    (NCKD not scaled by 1 - p_t,gt, T^2 on both parts, mean over rows). Zhao et al. 2022,
+    "Decoupled Knowledge Distillation" (CVPR 2022, arXiv:2203.08679): its decomposition
+    KD = TCKD + (1 - p_t,gt) NCKD and the loss alpha TCKD + beta NCKD.
     """,
     needs_targets=True,
 )

@@ -7,6 +7,7 @@ import numpy as np
 import ot
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
 from scipy.special import expit, log_softmax, softmax
 from scipy.stats import entropy
@@ -187,6 +188,26 @@ def test_dkd_decomposition_and_value():
     got = get_divergence("dkd")(s, t, targets=y, alpha=2.0, beta=3.0, warmup=0.5, temperature=2.0)
     tckd2, nckd2 = dkd_parts(s / 2, t / 2, y)
     torch.testing.assert_close(got, (4 * 0.5 * (2 * tckd2 + 3 * nckd2)).mean())
+
+
+def _mdistiller_dkd(s, t, y, alpha, beta, temperature):
+    """dkd_loss of megvii-research/mdistiller (mdistiller/distillers/DKD.py), float64."""
+    gt = F.one_hot(y, s.shape[1]).bool()
+    p_s, p_t = F.softmax(s / temperature, 1), F.softmax(t / temperature, 1)
+    b_s = torch.stack([p_s[gt], p_s[~gt].view(len(y), -1).sum(1)], 1)  # cat_mask
+    b_t = torch.stack([p_t[gt], p_t[~gt].view(len(y), -1).sum(1)], 1)
+    tckd = F.kl_div(b_s.log(), b_t, reduction="sum") * temperature**2 / len(y)
+    p_t2 = F.softmax(t / temperature - 1000.0 * gt, 1)
+    lp_s2 = F.log_softmax(s / temperature - 1000.0 * gt, 1)
+    nckd = F.kl_div(lp_s2, p_t2, reduction="sum") * temperature**2 / len(y)
+    return alpha * tckd + beta * nckd
+
+
+def test_dkd_matches_mdistiller():
+    s, t = _logits(5, scale=1.5)
+    y = torch.arange(N) % C
+    got = get_divergence("dkd")(s, t, targets=y, temperature=4.0)  # alpha 1, beta 8 defaults
+    torch.testing.assert_close(got, _mdistiller_dkd(s, t, y, 1.0, 8.0, 4.0), rtol=1e-9, atol=0)
 
 
 def _sinkd_reference(p_s: np.ndarray, p_t: np.ndarray, eps: float, n_iters: int) -> float:
