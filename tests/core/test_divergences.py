@@ -91,6 +91,39 @@ def test_akl_matches_loop_reference():
         np.testing.assert_allclose(got[i], want, rtol=1e-10)
 
 
+def test_akl_and_skew_match_authors_code():
+    """AKL.py of wutaiqiang/LLM_KD_AKL and losses.py of jongwooko/distillm, float64, (B, L, V)."""
+    s, t = _logits(15, n=2 * 3, c=C)
+    s3, t3 = s.view(2, 3, C), t.view(2, 3, C)
+    p_t, p_s = F.softmax(t3, -1), F.softmax(s3, -1)
+    # get_ratio: sort the teacher, gather the student with the same indices, split at mu = 0.5
+    re_t, idx = p_t.sort(-1, descending=True)
+    errors = (re_t - p_s.gather(-1, idx)).abs()
+    mask = re_t.cumsum(-1) > 0.5
+    mask[:, :, 0] = False
+    s1, s2 = errors.masked_fill(mask, 0).sum(-1), errors.masked_fill(~mask, 0).sum(-1)
+    h, l_ = s1 / (s1 + s2), s2 / (s1 + s2)
+    fkl = (p_t * (F.log_softmax(t3, -1) - F.log_softmax(s3, -1))).sum(-1)  # get_kl(t, s)
+    rkl = (p_s * (F.log_softmax(s3, -1) - F.log_softmax(t3, -1))).sum(-1)  # get_kl(s, t)
+    torch.testing.assert_close(
+        get_divergence("akl")(s3, t3, reduction="none"), h * fkl + l_ * rkl, rtol=1e-12, atol=0
+    )
+    # skewed_forward_kl is the cross-entropy -sum p_t log(lam p_t + (1 - lam) p_s): KL + H(p_t)
+    lam = 0.1
+    h_t = -(p_t * F.log_softmax(t3, -1)).sum(-1)
+    sfkl = -(p_t * (lam * p_t + (1 - lam) * p_s).log()).sum(-1)
+    torch.testing.assert_close(
+        get_divergence("skew_kl")(s3, t3, reduction="none", lam=lam) + h_t, sfkl, rtol=1e-12, atol=0
+    )
+    srkl = (p_s * (F.log_softmax(s3, -1) - ((1 - lam) * p_t + lam * p_s).log())).sum(-1)
+    torch.testing.assert_close(
+        get_divergence("skew_reverse_kl")(s3, t3, reduction="none", lam=lam),
+        srkl,
+        rtol=1e-12,
+        atol=0,
+    )
+
+
 def test_akl_sorts_student_with_teacher_permutation():
     # teacher classes in shuffled order; the student only moves mass between two tail classes,
     # so with the teacher's permutation applied to the student the head gap is zero -> pure RKL
