@@ -45,7 +45,9 @@ def test_chunked_matches_reference_fp64(name, temperature, hard_weight):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "js", "akl", "skew_reverse_kl"])
+@pytest.mark.parametrize(
+    "name", ["forward_kl", "js", "akl", "skew_reverse_kl", "dual_head_binary_kl"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tolerance_rule_low_precision(name, dtype):
     x64 = _inputs(torch.float64, seed=1)
@@ -56,7 +58,8 @@ def test_tolerance_rule_low_precision(name, dtype):
     got = _run(*xd[:4], impl="chunked", **kw)
     for g, t, r in zip(got, torch_same, ref):
         err = (g.double() - r).abs().max()
-        assert err <= (t.double() - r).abs().max() + 1e-5, (err, (t.double() - r).abs().max())
+        tol = 1e-5 * max(1.0, r.abs().max().item())  # BinaryKL-Norm sums V terms: loss ~ 1e3
+        assert err <= (t.double() - r).abs().max() + tol, (err, (t.double() - r).abs().max())
 
 
 def test_ignored_rows_and_hyperparameters_and_sum():
