@@ -1,11 +1,15 @@
 """CA calibrator: a per-sample temperature predicted from the softmax outputs of transformed views.
 
 Liu, Wang, Zou, Zou & Zheng 2024, "Optimizing Calibration by Gaining Aware of Prediction
-Correctness" (arXiv 2404.13016). A small MLP reads, for each view (the original first), the
-softmax probabilities at the original view's top-k classes, and outputs T in [0.1, 10]; the
-original logits are divided by T (so the argmax, hence accuracy, is kept). It is trained with the
-correctness-aware (CA) loss: a class-balanced squared error between the calibrated max confidence
-and the 0/1 correctness of the prediction.
+Correctness" (arXiv 2404.13016; code: github.com/liuyvchi/Correctness-aware-calibration). A small
+MLP reads, for each transformed view (all views but the original, which comes first), the softmax
+probabilities at the original view's top-k classes, and outputs T in [0.1, 10]; the original logits
+are divided by T (so the argmax, hence accuracy, is kept). It is trained with the
+correctness-aware (CA) loss: the squared error between the calibrated max confidence and the 0/1
+correctness of the prediction.
+
+Grayscale adaptation: the paper's views are rotation, greyscale and colour jitter of RGB images;
+for 28x28 grayscale images we offer rotations, flips, blur and contrast (``VIEW_TRANSFORMS``).
 """
 
 from __future__ import annotations
@@ -75,19 +79,29 @@ def make_views(
     return torch.stack(out)
 
 
-def correctness_aware_loss(calibrated_logits: Tensor, labels: Tensor) -> Tensor:
-    """CA loss: 0.5 * mean_correct (1 - conf)^2 + 0.5 * mean_wrong conf^2, conf = max softmax.
+def correctness_aware_loss(
+    calibrated_logits: Tensor, labels: Tensor, balanced: bool = False
+) -> Tensor:
+    """CA loss: mean of (conf - correct)^2, conf = max softmax, correct = 1[argmax = y].
 
-    Each group (correct / wrong predictions) weighs half, whatever its size (the class-balanced
-    MSE); with one group empty, that group alone. calibrated_logits (N, C), labels (N,).
+    Its pointwise minimiser is conf = P(correct | features): it calibrates the confidence.
+    ``balanced=True`` is the weighting of the authors' released code: correct samples weigh
+    1 - acc, wrong ones acc, normalised by the weight sum (= 0.5 * mean_correct + 0.5 *
+    mean_wrong; one group alone when the other is empty). Its minimiser is the balanced-prior
+    posterior q(1-a) / (q(1-a) + (1-q)a), not q: under-confident whenever accuracy a > 0.5
+    (confidence 0.5 where the views carry no information). calibrated_logits (N, C), labels (N,).
     Liu et al. 2024 (arXiv 2404.13016).
     """
-    conf, pred = calibrated_logits.softmax(dim=1).max(dim=1)
-    correct = pred.eq(labels)
-    parts = [(1 - conf[correct]).square().mean()] if correct.any() else []
-    if (~correct).any():
-        parts.append(conf[~correct].square().mean())
-    return torch.stack(parts).mean()
+    conf, pred = calibrated_logits.softmax(dim=1).max(dim=1)  # (N,), (N,)
+    correct = pred.eq(labels).to(conf.dtype)
+    sq_err = (conf - correct).square()
+    if not balanced:
+        return sq_err.mean()
+    acc = correct.mean()
+    if acc == 0 or acc == 1:  # one group only: its plain mean
+        return sq_err.mean()
+    weight = correct * (1 - acc) + (1 - correct) * acc  # (N,)
+    return (weight * sq_err).sum() / weight.sum()
 
 
 @CALIBRATORS.register("ca")
@@ -96,29 +110,36 @@ class CACalibrator(Calibrator):
 
     ``fit(view_logits, labels)`` and ``forward(view_logits)`` take (V, N, C) logits of the V views
     (``views``, original first; see ``make_views``) and return calibrated (N, C) logits of the
-    original view. Liu et al. 2024 (arXiv 2404.13016).
+    original view. Features, top_k = 4 and T clamped to [0.1, 10] follow the authors' code; the
+    MLP is wider (``hidden``), predicts log T (so it starts at T = 1) and is trained full-batch to
+    convergence (their code: 5 hidden units, T = clamp(linear), Adam 1e-4 for 10 epochs of
+    batches of 1000). ``balanced`` selects the CA loss weighting (see
+    ``correctness_aware_loss``). Liu et al. 2024 (arXiv 2404.13016).
     """
 
     def __init__(
         self,
         n_classes: int,
         views: Sequence[str] = DEFAULT_VIEWS,
-        top_k: int = 3,
+        top_k: int = 4,
         hidden: int = 64,
         epochs: int = 300,
         lr: float = 1e-2,
         weight_decay: float = 1e-4,
+        balanced: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= n_classes:
             raise ValueError(f"top_k must be in [1, n_classes = {n_classes}], got {top_k}")
+        if len(views) < 2:
+            raise ValueError(f"need the original and at least one transformed view, got {views}")
         self.n_classes, self.views, self.top_k = n_classes, tuple(views), top_k
-        self.epochs, self.lr, self.weight_decay = epochs, lr, weight_decay
+        self.epochs, self.lr, self.weight_decay, self.balanced = epochs, lr, weight_decay, balanced
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = nn.Sequential(
-                nn.Linear(len(self.views) * top_k, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+                nn.Linear((len(self.views) - 1) * top_k, hidden), nn.ReLU(), nn.Linear(hidden, 1)
             )
         with torch.no_grad():  # start at T = 1
             self.net[-1].weight.zero_()
@@ -135,10 +156,11 @@ class CACalibrator(Calibrator):
             raise ValueError("view_logits contain NaN or inf")
 
     def features(self, view_logits: Tensor) -> Tensor:
-        """(V, N, C) logits -> (N, V * top_k) softmax probabilities at the original top-k classes."""
+        """(V, N, C) logits -> (N, (V - 1) * top_k): each transformed view's softmax probabilities
+        at the original view's top-k classes (how far the views agree with the prediction)."""
         probs = view_logits.softmax(dim=-1)  # (V, N, C)
         top = probs[0].topk(self.top_k, dim=1).indices  # (N, k)
-        picked = probs.gather(2, top.expand(probs.shape[0], -1, -1))  # (V, N, k)
+        picked = probs[1:].gather(2, top.expand(probs.shape[0] - 1, -1, -1))  # (V - 1, N, k)
         return picked.permute(1, 0, 2).reshape(probs.shape[1], -1)
 
     def temperature(self, view_logits: Tensor) -> Tensor:
@@ -158,6 +180,6 @@ class CACalibrator(Calibrator):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         for _ in range(self.epochs):
             opt.zero_grad()
-            correctness_aware_loss(self(view_logits), labels).backward()
+            correctness_aware_loss(self(view_logits), labels, self.balanced).backward()
             opt.step()
         return self

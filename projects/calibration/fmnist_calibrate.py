@@ -50,18 +50,22 @@ def score(probs: Tensor, labels: Tensor, n_bins: int) -> dict[str, float]:
 
 
 def calibrated_probs(
-    sets: dict[str, dict[str, Tensor]], names: list[str], views: list[str], ca_epochs: int
+    sets: dict[str, dict[str, Tensor]],
+    names: list[str],
+    views: list[str],
+    ca_epochs: int,
+    ca_options: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Tensor]]:
     """{calibrator: {set: probs (N, C)}} with "none" the raw softmax; each calibrator is fitted on
-    the "cal" set's logits (CA on its (V, N, C) view logits) and applied to every other set."""
+    the "cal" set's logits and applied to every other set. A name in ``ca_options`` is a
+    ``CACalibrator`` with those options, fitted on the (V, N, C) view logits."""
     cal = sets["cal"]
     targets = {k: v for k, v in sets.items() if k != "cal"}
     out = {"none": {k: v["views"][0].double().softmax(1) for k, v in targets.items()}}
     for name in names:
-        if name == "ca":
-            calib = CACalibrator(N_CLASSES, views=views, epochs=ca_epochs).fit(
-                cal["views"], cal["labels"]
-            )
+        if name in ca_options:
+            calib = CACalibrator(N_CLASSES, views=views, epochs=ca_epochs, **ca_options[name])
+            calib.fit(cal["views"], cal["labels"])
             inputs = {k: v["views"] for k, v in targets.items()}
         else:
             calib = CALIBRATORS.build(name).fit(cal["views"][0], cal["labels"])
@@ -105,7 +109,7 @@ def _main(argv: list[str] | None) -> None:
         saved = torch.load(runs_dir / run_name(loss, seed, noise) / "logits.pt", weights_only=True)
         sets = saved["sets"]
         names = cfg["calibrators"] if noise == 0 else ["temperature"]
-        probs = calibrated_probs(sets, names, list(saved["views"]), cfg["ca_epochs"])
+        probs = calibrated_probs(sets, names, list(saved["views"]), cfg["ca_epochs"], cfg["ca"])
         per_run[run_name(loss, seed, noise)] = {
             c: {k: score(p, sets[k]["labels"], n_bins) for k, p in by_set.items()}
             for c, by_set in probs.items()

@@ -1,5 +1,6 @@
-"""CA calibrator (Liu et al. 2024): loss closed form, accuracy kept, temperatures clamped,
-learns to separate correct from wrong predictions via view agreement, views helper."""
+"""CA calibrator (Liu et al. 2024): loss closed form (plain and the authors' balanced weighting),
+confidence = accuracy without view information, accuracy kept, temperatures clamped, learns to
+separate correct from wrong predictions via view agreement, views helper."""
 
 import io
 
@@ -12,6 +13,15 @@ from core.calibration.ca import VIEW_TRANSFORMS
 from core.calibration.metrics import expected_calibration_error
 
 C, V = 4, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The calibrator's tiny MLP runs far faster on one intra-op thread on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _views(n, seed):
@@ -32,15 +42,48 @@ def _views(n, seed):
 
 
 def test_loss_closed_form_and_class_balance():
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 0.0]])
-    labels = torch.tensor([0, 1, 1, 1])  # correct, correct, wrong, wrong
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 0.0], [0.5, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1, 0])  # correct, correct, wrong, wrong, correct
     conf = logits.softmax(1).max(1).values
-    expected = 0.5 * ((1 - conf[:2]) ** 2).mean() + 0.5 * (conf[2:] ** 2).mean()
-    torch.testing.assert_close(correctness_aware_loss(logits, labels), expected)
-    # only correct predictions: plain mean over them
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
     torch.testing.assert_close(
-        correctness_aware_loss(logits[:2], labels[:2]), ((1 - conf[:2]) ** 2).mean()
+        correctness_aware_loss(logits, labels), ((conf - correct) ** 2).mean()
     )
+    # balanced: the authors' code weighs correct samples 1 - acc and wrong ones acc, normalised
+    acc = correct.mean()
+    weights = torch.where(correct.bool(), 1 - acc, acc)
+    expected = (weights * (conf - correct) ** 2).sum() / weights.sum()
+    torch.testing.assert_close(correctness_aware_loss(logits, labels, balanced=True), expected)
+    half_each = 0.5 * ((1 - conf[correct.bool()]) ** 2).mean() + 0.5 * (conf[2:4] ** 2).mean()
+    torch.testing.assert_close(expected, half_each)
+    # only correct predictions: plain mean over them, balanced or not
+    only = [0, 1, 4]
+    for balanced in (False, True):
+        torch.testing.assert_close(
+            correctness_aware_loss(logits[only], labels[only], balanced=balanced),
+            ((1 - conf[only]) ** 2).mean(),
+        )
+
+
+@pytest.mark.parametrize(("balanced", "target"), [(False, "accuracy"), (True, 0.5)])
+def test_uninformative_views_give_accuracy_as_confidence(balanced, target):
+    """All samples alike (same confidence, views equal to the original): the CA loss is minimised
+    by a confidence equal to the accuracy (85 % here), while the balanced weighting of the
+    authors' code pulls it to 0.5, its balanced-prior posterior q(1-a) / (q(1-a) + (1-q)a)."""
+    g = torch.Generator().manual_seed(3)
+    n = 2000
+    labels = torch.randint(0, C, (n,), generator=g)
+    correct = torch.rand(n, generator=g) < 0.85
+    pred = torch.where(correct, labels, (labels + torch.randint(1, C, (n,), generator=g)) % C)
+    logits = 2.0 * F.one_hot(pred, C).float()  # confidence 0.71 at T = 1
+    views = ("identity", "rot90", "hflip")
+    ca = CACalibrator(C, views=views, top_k=2, balanced=balanced).fit(
+        logits.expand(len(views), -1, -1), labels
+    )
+    with torch.no_grad():
+        conf = ca(logits.expand(len(views), -1, -1)).softmax(1).max(1).values
+    expected = correct.float().mean() if target == "accuracy" else torch.tensor(target)
+    torch.testing.assert_close(conf, expected.expand(n), atol=0.01, rtol=0)
 
 
 def test_fit_keeps_accuracy_clamps_temperature_and_improves_calibration():
@@ -66,13 +109,12 @@ def test_fit_keeps_accuracy_clamps_temperature_and_improves_calibration():
 
 def test_checkpoint_round_trip_and_registry():
     logits, labels = _views(200, 2)
-    ca = CALIBRATORS.build("ca", C, views=("identity", "rot90", "hflip"), epochs=20).fit(
-        logits, labels
-    )
+    ca = CALIBRATORS.build("ca", C, views=("identity", "rot90", "hflip"), top_k=2, epochs=20)
+    ca.fit(logits, labels)
     buffer = io.BytesIO()
     torch.save(ca.state_dict(), buffer)
     buffer.seek(0)
-    fresh = CACalibrator(C, views=("identity", "rot90", "hflip"), seed=1)
+    fresh = CACalibrator(C, views=("identity", "rot90", "hflip"), top_k=2, seed=1)
     fresh.load_state_dict(torch.load(buffer))
     torch.testing.assert_close(fresh(logits), ca(logits))
 
@@ -89,7 +131,9 @@ def test_checkpoint_round_trip_and_registry():
 )
 def test_bad_input_raises(logits, labels, match):
     with pytest.raises(ValueError, match=match):
-        CACalibrator(C, views=("identity", "rot90", "hflip")).fit(logits, labels)
+        CACalibrator(C, views=("identity", "rot90", "hflip"), top_k=2).fit(logits, labels)
+    with pytest.raises(ValueError, match="transformed view"):
+        CACalibrator(C, views=("identity",))
 
 
 def test_make_views_applies_each_transform():
