@@ -61,11 +61,16 @@ def corruption_table(errors: dict, norm: str, setting: str, methods: list[str]) 
     return "\n".join(lines)
 
 
+MIN_EFFECT = 0.5  # error-rate points: a smaller gap is not a difference a paper would claim
+
+
 def verdict(a: np.ndarray, b: np.ndarray) -> str:
     """Does ``a`` have lower error than ``b``? Paired over seeds: the mean gap must exceed the
-    seeds' spread of the gap (and 0.1 points), else it is within seed noise."""
+    seeds' spread of the gap and ``MIN_EFFECT`` points, else it is not supported."""
     gap = b - a  # (S,), > 0 where a is better
-    noise = max(float(np.std(gap)), 0.1)
+    noise = float(np.std(gap))
+    if abs(gap.mean()) < MIN_EFFECT:
+        return f"**not supported** (gap {gap.mean():+.2f} points, below {MIN_EFFECT})"
     if gap.mean() > noise:
         return "**holds**"
     if gap.mean() < -noise:

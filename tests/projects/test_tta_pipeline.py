@@ -140,3 +140,13 @@ def test_adapt_main_per_norm_runs_merge(fake_root, tmp_path):
     main(["--params", str(path)])
     both = json.loads((tmp_path / "results" / "errors.json").read_text())
     assert params["workers"] == 2 and both["errors"] == out["errors"]
+
+
+def test_verdict_needs_a_consistent_and_material_gap():
+    from projects.tta.report import verdict
+
+    base = np.array([30.0, 31.0, 29.0])
+    assert verdict(base - 2.0, base) == "**holds**"
+    assert verdict(base + 2.0, base) == "**does not hold** (the reverse)"
+    assert "below 0.5" in verdict(base - 0.2, base)  # consistent but negligible
+    assert "seed noise" in verdict(base + np.array([-4.0, 3.0, -2.0]), base)
