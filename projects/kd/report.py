@@ -247,6 +247,13 @@ def lm_part(results: Path) -> str:
     return lm_section(results)
 
 
+def net_desc(spec: dict[str, Any]) -> str:
+    """``{arch: smallcnn, channels: [8, 16], hidden: 32}`` -> ``SmallCNN (8, 16) / 32``."""
+    if spec["arch"] == "smallcnn":
+        return f"SmallCNN ({', '.join(map(str, spec['channels']))}) / {spec['hidden']}"
+    return f"{spec['arch']} " + ", ".join(f"{k} {v}" for k, v in spec.items() if k != "arch")
+
+
 def image_section(params: dict[str, Any], readme: Path, results: Path) -> str:
     cfg = params["image"]
     res = Path(cfg["paths"]["results"])
@@ -261,18 +268,25 @@ def image_section(params: dict[str, Any], readme: Path, results: Path) -> str:
     o = cfg["optim"]
     setup = (
         f"Fashion-MNIST, {cfg['data']['train_size']} training images, the full "
-        f"{cfg['data']['test_size']}-image test set; teacher {cfg['teacher']} "
-        f"({teacher['n_params']:,} parameters, 1 run), student {cfg['student']} "
+        f"{cfg['data']['test_size']}-image test set; teacher {net_desc(cfg['teacher'])} "
+        f"({teacher['n_params']:,} parameters, 1 run), student {net_desc(cfg['student'])} "
         f"({student_params:,} parameters); Adam lr {o['lr']}, batch {o['batch_size']}, "
         f"{o['epochs']} epochs, {o.get('schedule', 'cosine')} schedule for every network; "
         f"seeds {cfg['seeds']} (mean ± sample std; every method of a seed starts from the same "
         f"initialisation and batch order). ECE: {cfg['n_bins']} equal-width bins, top label."
     )
-    cpu = sum(r["cpu_s"] for r in offline["runs"]) + sum(r["cpu_s"] for r in online["runs"])
+
+    def cost(result: dict[str, Any]) -> str:
+        cpu = sum(r["cpu_s"] for r in result["runs"])
+        return (
+            f"{len(result['runs'])} runs, {cpu:.0f} s training CPU, {result['wall_s']:.0f} s wall"
+        )
+
     timing = (
-        f"Stage wall times of this run (shared 2-core CPU): teacher {teacher['wall_s']:.0f} s, "
-        f"offline {offline['wall_s']:.0f} s, online {online['wall_s']:.0f} s; training CPU time "
-        f"of the offline + online runs {cpu:.0f} s (cached runs keep their first timing)."
+        f"Cost (shared, loaded 2-core CPU): teacher {teacher.get('cpu_s', 0):.0f} s CPU, "
+        f"{teacher['wall_s']:.0f} s wall; offline {cost(offline)}; online {cost(online)}. "
+        "Wall is this invocation's (runs reused from the per-run cache cost ~0 s); CPU is each "
+        "run's own, from when it was trained."
     )
     plot_link = os.path.relpath(results / PLOT, readme.parent)
     return "\n\n".join(
