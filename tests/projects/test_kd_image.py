@@ -186,7 +186,6 @@ def fake_fmnist(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow  # ~10 s: 36 tiny training runs
 def test_pipeline_on_fake_data_writes_results_and_resumes(fake_fmnist, tmp_path):
     params = common.load_params()
     cfg = params["image"]
