@@ -1,17 +1,24 @@
-"""Stage robust_losses-train: every (noise type, seed, loss) run on noisy Fashion-MNIST.
+"""Stage robust_losses-train: every (noise condition, seed, loss) run on noisy Fashion-MNIST.
 
-Writes ``<results>/metrics.json`` (final clean test accuracy, DSE, DSMI per run) and
-``<results>/curves.csv`` (the same per epoch). All losses of one (noise, seed) see the same
-noisy labels, initial weights and batch order.
+Conditions: clean labels once, then each noise type at each rate of ``noise`` in params. Each
+run's result (final clean test accuracy, DSE, DSMI and its per-epoch history) is written
+atomically to ``<outputs>/<condition>-<loss>-s<seed>.json`` together with the run's config and
+a digest of the code that decides its numbers; a run whose file holds the same config is
+skipped, so a killed stage resumes. Runs go to ``workers`` single-threaded processes; the
+parent merges them into ``<results>/metrics.json`` and ``<results>/curves.csv``. All losses of
+one (condition, seed) see the same noisy labels, initial weights and batch order.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +27,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from core.data.fashion_mnist import load_fashion_mnist
 from core.training import build_trainer, seed_everything
 from core.utils.io import atomic_write_json, atomic_write_text
-from projects.robust_losses.common import NOISES, NoisyLabelMLP, arg_parser, load_params, to_inputs
+from core.utils.parallel import map_processes
+from projects.robust_losses.common import (
+    NoisyLabelMLP,
+    arg_parser,
+    condition_name,
+    conditions,
+    load_params,
+    noisy_labels,
+    to_inputs,
+)
 
 CURVE_FIELDS = [
+    "condition",
     "noise",
+    "rate",
     "loss",
     "seed",
     "epoch",
@@ -32,6 +50,13 @@ CURVE_FIELDS = [
     "dse",
     "dsmi_y",
 ]
+FINAL = ("test_acc", "fit_noisy_train_acc", "dse", "dsmi_y")
+# code that decides a run's numbers: a change re-runs the run even when its file exists
+SOURCES = (
+    "projects/robust_losses/common.py",
+    "core/losses/classification.py",
+    "core/entropy/diffusion.py",
+)
 
 
 def prepare_data(p: dict) -> dict[str, torch.Tensor | np.ndarray]:
@@ -52,7 +77,7 @@ def prepare_data(p: dict) -> dict[str, torch.Tensor | np.ndarray]:
 
 
 def run_one(p: dict, data: dict, loss: str, y_noisy: np.ndarray, seed: int) -> list[dict]:
-    """Train one model; return its per-epoch history."""
+    """Train one model; return its history (epoch 0 = initialisation, then every epoch)."""
     seed_everything(seed)
     y = torch.from_numpy(y_noisy)
     eval_data = {k: data[k] for k in ("x_train", "x_test", "y_test", "x_probe", "y_probe")}
@@ -79,40 +104,109 @@ def run_one(p: dict, data: dict, loss: str, y_noisy: np.ndarray, seed: int) -> l
     return model.history
 
 
+def code_digest() -> str:
+    """sha256 of the files in ``SOURCES`` (paths relative to the repository root)."""
+    h = hashlib.sha256()
+    for path in SOURCES:
+        h.update(path.encode() + Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def run_config(p: dict, job: tuple[str, float, int, str], code: str) -> dict[str, Any]:
+    """Everything that decides one run's numbers: the cache key of its result file."""
+    noise, rate, seed, loss = job
+    keys = ("data", "model", "optim", "probe")
+    return {
+        "noise": noise,
+        "rate": rate,
+        "seed": seed,
+        "loss": loss,
+        "loss_hp": p["losses"][loss] or {},
+        **{k: p[k] for k in keys},
+        "batch_size": p["train"]["batch_size"],
+        "max_epochs": p["trainer"]["max_epochs"],
+        "code": code,
+    }
+
+
+def run_path(out: Path, job: tuple[str, float, int, str]) -> Path:
+    noise, rate, seed, loss = job
+    return (
+        out
+        / f"{condition_name(noise, rate).replace(' ', '-').replace('%', '')}-{loss}-s{seed}.json"
+    )
+
+
+_DATA: dict[str, Any] = {}  # per process: the data of the last params seen
+
+
+def run_job(job: tuple[str, float, int, str], p: dict, code: str) -> dict[str, Any]:
+    """One run, or its stored result when the file at :func:`run_path` has the same config."""
+    path, config = run_path(Path(p["paths"]["outputs"]), job), run_config(p, job, code)
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored["config"] == config:
+            return stored | {"cached": True}
+    key = json.dumps(p["data"], sort_keys=True) + json.dumps(p["probe"], sort_keys=True)
+    if _DATA.get("key") != key:
+        _DATA.update(key=key, data=prepare_data(p))
+    data = _DATA["data"]
+    noise, rate, seed, loss = job
+    y_noisy = noisy_labels(data["y_train"], noise, rate, seed)
+    t0 = time.perf_counter()
+    hist = run_one(p, data, loss, y_noisy, seed)
+    result = {
+        "config": config,
+        "actual_noise": float((y_noisy != data["y_train"]).mean()),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "history": hist,
+    }
+    atomic_write_json(path, result)
+    last = hist[-1]
+    print(
+        f"{condition_name(noise, rate):15s} seed {seed} {loss:8s} test acc "
+        f"{last['test_acc']:.4f} DSE {last['dse']:.3f} ({result['seconds']:.1f} s)",
+        flush=True,
+    )
+    return result | {"cached": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     p = load_params(args.params)
-    torch.set_num_threads(p["train"]["num_threads"])
-    data = prepare_data(p)
+    jobs = [
+        (noise, rate, seed, loss)
+        for noise, rate in conditions(p["noise"])
+        for seed in p["seeds"]
+        for loss in p["losses"]
+    ]
+    t0 = time.perf_counter()
+    results = map_processes(
+        run_job, jobs, p, code_digest(), workers=p["workers"], threads=p["train"]["num_threads"]
+    )
     runs, rows = [], []
-    for noise, rate in p["noise"].items():
-        for seed in p["seeds"]:
-            y_noisy = NOISES[noise](data["y_train"], rate, np.random.default_rng(1000 + seed))
-            actual = float((y_noisy != data["y_train"]).mean())
-            for loss in p["losses"]:
-                t0 = time.perf_counter()
-                hist = run_one(p, data, loss, y_noisy, seed)
-                last = hist[-1]
-                runs.append(
-                    {
-                        "noise": noise,
-                        "rate": rate,
-                        "actual_noise": actual,
-                        "loss": loss,
-                        "seed": seed,
-                        "seconds": time.perf_counter() - t0,
-                        **{
-                            k: last[k] for k in ("test_acc", "fit_noisy_train_acc", "dse", "dsmi_y")
-                        },
-                        "best_test_acc": max(h["test_acc"] for h in hist),
-                    }
-                )
-                rows += [{"noise": noise, "loss": loss, "seed": seed, **h} for h in hist]
-                print(
-                    f"{noise:10s} seed {seed} {loss:8s} test acc {last['test_acc']:.4f} "
-                    f"DSE {last['dse']:.3f} ({runs[-1]['seconds']:.1f} s)",
-                    flush=True,
-                )
+    for (noise, rate, seed, loss), r in zip(jobs, results, strict=True):
+        hist, cond = r["history"], condition_name(noise, rate)
+        runs.append(
+            {
+                "condition": cond,
+                "noise": noise,
+                "rate": rate,
+                "actual_noise": r["actual_noise"],
+                "loss": loss,
+                "seed": seed,
+                "seconds": r["seconds"],
+                "cached": r["cached"],
+                **{k: hist[-1][k] for k in FINAL},
+                "best_test_acc": max(h["test_acc"] for h in hist[1:]),
+            }
+        )
+        rows += [
+            {"condition": cond, "noise": noise, "rate": rate, "loss": loss, "seed": seed, **h}
+            for h in hist
+        ]
+    n_new = sum(not r["cached"] for r in runs)
+    print(f"{len(runs)} runs ({n_new} trained) in {time.perf_counter() - t0:.0f} s", flush=True)
     out = Path(p["paths"]["results"])
     atomic_write_json(out / "metrics.json", {"runs": runs})
     buf = io.StringIO()
