@@ -26,6 +26,8 @@ PLOT = "image_accuracy_ece.png"
 LABELS = {
     "ce": "student alone (CE)",
     "forward_kl": "KD, forward KL (Hinton et al. 2015)",
+    "forward_kl_t2": "KD, forward KL, T 2, 0.5 CE + 0.5 KD",
+    "forward_kl_t1": "KD, forward KL, T 1, 0.5 CE + 0.5 KD",
     "reverse_kl": "reverse KL",
     "symmetric_kl": "symmetric KL (Jeffreys)",
     "js": "Jensen-Shannon (beta 0.5)",
@@ -130,6 +132,10 @@ def online_table(teacher: dict[str, Any], offline: dict[str, Any], online: dict[
 CLAIMS = (
     ("Hinton et al. 2015", "KD beats the student alone", ("offline", "forward_kl"),
      ("offline", "ce"), "accuracy", True),
+    ("Hinton et al. 2015", "KD beats the student alone (T 2, 0.5 CE + 0.5 KD)",
+     ("offline", "forward_kl_t2"), ("offline", "ce"), "accuracy", True),
+    ("Hinton et al. 2015", "KD beats the student alone (T 1, 0.5 CE + 0.5 KD)",
+     ("offline", "forward_kl_t1"), ("offline", "ce"), "accuracy", True),
     ("Zhao et al. 2022", "DKD beats KD", ("offline", "dkd"), ("offline", "forward_kl"),
      "accuracy", True),
     ("Amara et al.", "online BD-KD beats online DML (student top-1)", ("online", "bdkd"),
