@@ -15,13 +15,7 @@ from core.calibration.metrics import expected_calibration_error
 C, V = 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The calibrator's tiny MLP runs far faster on one intra-op thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _views(n, seed):
