@@ -7,13 +7,13 @@ models of the default params: the matmuls are too small to split well across thr
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["map_processes"]
+__all__ = ["imap_processes", "map_processes"]
 
 T = TypeVar("T")
 
@@ -44,3 +44,48 @@ def map_processes(
     with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx) as pool:
         futures = [pool.submit(_call, fn, threads, item, args) for item in items]
         return [f.result() for f in futures]
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(threads: int, init: Callable[..., dict] | None, init_args: tuple) -> None:
+    torch.set_num_threads(threads)
+    _STATE.clear()
+    if init is not None:
+        _STATE.update(init(*init_args))
+
+
+def _work(job: tuple[Callable, Any]) -> Any:
+    fn, item = job
+    return fn(item, _STATE)
+
+
+def imap_processes(
+    fn: Callable[[Any, dict], Any],
+    items: Sequence[Any],
+    *,
+    init: Callable[..., dict] | None = None,
+    init_args: tuple = (),
+    workers: int = 1,
+    threads: int = 1,
+) -> Iterable[Any]:
+    """Yield ``fn(item, state)`` for each item as it finishes, in ``workers`` spawned processes.
+
+    ``state = init(*init_args)`` is built once per process (data, teacher logits); ``fn`` and
+    ``init`` must be module-level functions. ``workers <= 1`` runs here, in order.
+    """
+    if workers <= 1 or len(items) <= 1:
+        previous = torch.get_num_threads()
+        _init_worker(threads, init, init_args)
+        try:
+            for item in items:
+                yield fn(item, _STATE)
+        finally:
+            _STATE.clear()
+            torch.set_num_threads(previous)
+        return
+    ctx = mp.get_context("spawn")  # fork after torch started threads can deadlock
+    n = min(workers, len(items))
+    with ctx.Pool(n, _init_worker, (threads, init, init_args)) as pool:
+        yield from pool.imap_unordered(_work, [(fn, item) for item in items])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -302,48 +301,3 @@ def cached_run(path: Path, config: dict[str, Any], fn: Callable[[], dict]) -> di
     result["cpu_s"] = round(time.process_time() - cpu, 2)
     atomic_write_json(path, result)
     return result | {"cached": False}
-
-
-_STATE: dict[str, Any] = {}
-
-
-def _init_worker(threads: int, init: Callable[..., dict] | None, init_args: tuple) -> None:
-    torch.set_num_threads(threads)
-    _STATE.clear()
-    if init is not None:
-        _STATE.update(init(*init_args))
-
-
-def _work(job: tuple[Callable, Any]) -> Any:
-    fn, item = job
-    return fn(item, _STATE)
-
-
-def map_jobs(
-    fn: Callable[[Any, dict], Any],
-    items: Sequence[Any],
-    *,
-    init: Callable[..., dict] | None = None,
-    init_args: tuple = (),
-    workers: int = 1,
-    threads: int = 1,
-) -> Iterable[Any]:
-    """Yield ``fn(item, state)`` for each item as it finishes, in ``workers`` spawned processes.
-
-    ``state = init(*init_args)`` is built once per process (data, teacher logits); ``fn`` and
-    ``init`` must be module-level functions. ``workers <= 1`` runs here, in order.
-    """
-    if workers <= 1 or len(items) <= 1:
-        previous = torch.get_num_threads()
-        _init_worker(threads, init, init_args)
-        try:
-            for item in items:
-                yield fn(item, _STATE)
-        finally:
-            _STATE.clear()
-            torch.set_num_threads(previous)
-        return
-    ctx = multiprocessing.get_context("spawn")  # fork after torch started threads can deadlock
-    n = min(workers, len(items))
-    with ctx.Pool(n, _init_worker, (threads, init, init_args)) as pool:
-        yield from pool.imap_unordered(_work, [(fn, item) for item in items])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from core.utils.io import atomic_write_json
+from core.utils.parallel import imap_processes
 from projects.kd.common import (
     CODE,
     DEFAULT_FMNIST,
@@ -31,7 +32,6 @@ from projects.kd.common import (
     fit_offline,
     load_data,
     load_params,
-    map_jobs,
     n_params,
     predict,
     resolve_terms,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     runs = []
     todo = jobs(cfg)
-    for r in map_jobs(
+    for r in imap_processes(
         run_job,
         todo,
         init=_init,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.utils.io import atomic_write_json
+from core.utils.parallel import imap_processes
 from projects.kd.common import (
     CODE,
     DEFAULT_FMNIST,
@@ -33,7 +34,6 @@ from projects.kd.common import (
     load_data,
     load_params,
     make_optimizer,
-    map_jobs,
     online_losses,
     predict,
     resolve_terms,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     runs = []
     todo = jobs(cfg)
-    for r in map_jobs(
+    for r in imap_processes(
         run_job,
         todo,
         init=_init,

@@ -31,3 +31,21 @@ def test_worker_error_propagates():
 def test_bad_counts():
     with pytest.raises(ValueError, match="workers and threads"):
         map_processes(_pid_square, [1], 0, workers=0)
+
+
+def _make_state(base: int) -> dict:
+    return {"base": base, "pid": os.getpid()}
+
+
+def _add_base(x: int, state: dict) -> tuple[int, int]:
+    return x + state["base"], state["pid"]
+
+
+def test_imap_builds_state_once_per_worker():
+    from core.utils.parallel import imap_processes
+
+    here = list(imap_processes(_add_base, [1, 2], init=_make_state, init_args=(10,)))
+    assert here == [(11, os.getpid()), (12, os.getpid())]
+    out = list(imap_processes(_add_base, [1, 2, 3], init=_make_state, init_args=(5,), workers=2))
+    assert sorted(v for v, _ in out) == [6, 7, 8]  # unordered: as they finish
+    assert os.getpid() not in {pid for _, pid in out}
