@@ -1,17 +1,16 @@
-"""Shared pieces of the kd image stages: params, data, networks, losses, metrics, run cache.
+"""Shared pieces of the kd image stages: params, data, networks, losses, metrics.
 
 The image stages train tiny CNNs with a plain PyTorch loop rather than Lightning: a step of the
 student is ~20 ms of CPU, so Lightning's per-step hooks and logging would cost as much as the
-maths; resumability comes from per-run result files instead of checkpoints (``cached_run``).
+maths; resumability comes from per-run result files instead of checkpoints
+(``core.utils.runs.cached_run``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from core.data.fashion_mnist import load_fashion_mnist
 from core.losses import get_divergence
 from core.models.cnn import SmallCNN
 from core.models.resnet import ResNet
-from core.utils.io import atomic_write_json
 
 DEFAULT_PARAMS = Path("projects/kd/params.yaml")
 DEFAULT_FMNIST = Path("datasets/fashion-mnist/processed")
@@ -281,23 +279,3 @@ def summarise(runs: Iterable[dict[str, Any]], key: str = "method") -> dict[str, 
             row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out[name] = row
     return out
-
-
-# --- runs: cache and process pool ---------------------------------------------------------
-
-
-def cached_run(path: Path, config: dict[str, Any], fn: Callable[[], dict]) -> dict[str, Any]:
-    """The result stored at ``path`` if its config equals ``config``; else ``fn()``, stored.
-
-    Results are JSON {config, ...}; written atomically, so a killed stage keeps finished runs.
-    """
-    if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("config") == config:
-            return stored | {"cached": True}
-    start, cpu = time.perf_counter(), time.process_time()
-    result = {"config": config, **fn()}
-    result["wall_s"] = round(time.perf_counter() - start, 2)
-    result["cpu_s"] = round(time.process_time() - cpu, 2)
-    atomic_write_json(path, result)
-    return result | {"cached": False}

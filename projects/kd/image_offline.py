@@ -20,13 +20,13 @@ import torch
 
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
+from core.utils.runs import cached_run
 from projects.kd.common import (
     CODE,
     DEFAULT_FMNIST,
     DEFAULT_PARAMS,
     DualHead,
     build_net,
-    cached_run,
     classification_metrics,
     file_digest,
     fit_offline,

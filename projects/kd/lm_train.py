@@ -18,13 +18,14 @@ import csv
 import hashlib
 import json
 import math
-import multiprocessing
 import time
 from pathlib import Path
 
 import torch
 
 from core.utils.io import atomic_open, atomic_write_json
+from core.utils.parallel import imap_processes
+from core.utils.runs import load_cached, store_run
 from projects.kd.lm_common import (
     DEFAULT_PARAMS,
     evaluate,
@@ -133,18 +134,17 @@ def train_run(params: dict, name: str, fp: str = "") -> dict:
         **kw,
         "hparams": hparams,
         "torch_threads": torch.get_num_threads(),
-        "fingerprint": fp,
     }
     out = Path(lm["paths"]["results"]) / "runs"
     with atomic_open(out / f"{name}_val.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "val_loss", "val_ppl"])
         w.writerows((s, f"{v:.6f}", f"{math.exp(v):.4f}") for s, v in curve)
-    atomic_write_json(out / f"{name}.json", metrics)
+    store_run(out / f"{name}.json", {"fingerprint": fp}, metrics)  # after the curve: see done()
     return metrics
 
 
-def _work(job: tuple[dict, str, str]) -> str:
+def _work(job: tuple[dict, str, str], _state: dict) -> str:
     params, name, fp = job
     m = train_run(params, name, fp)
     return f"[{name}] val ppl {m['val_ppl']:.2f} in {m['wall_s']:.0f} s ({m['cpu_s']:.0f} CPU s)"
@@ -152,10 +152,10 @@ def _work(job: tuple[dict, str, str]) -> str:
 
 def done(out: Path, name: str, fp: str) -> bool:
     """Whether ``<out>/<name>.json`` holds results for fingerprint ``fp`` (and its curve exists)."""
-    path, csv_path = out / f"{name}.json", out / f"{name}_val.csv"
-    if not (path.exists() and csv_path.exists()):
-        return False
-    return json.loads(path.read_text()).get("fingerprint") == fp
+    return (
+        load_cached(out / f"{name}.json", {"fingerprint": fp}, [out / f"{name}_val.csv"])
+        is not None
+    )
 
 
 def collect(params: dict) -> dict:
@@ -175,7 +175,7 @@ def collect(params: dict) -> dict:
     runs = {}
     for name in lm["runs"]:
         m = json.loads((out / "runs" / f"{name}.json").read_text())
-        m.pop("fingerprint")
+        m.pop("config")  # the run's fingerprint
         runs[name] = m
     metrics = {
         "teacher": {
@@ -212,14 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{name}] up to date, skipped", flush=True)
         else:
             todo.append((params, name, fp))
-    workers = min(lm["workers"], len(todo))
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for line in pool.imap_unordered(_work, todo, chunksize=1):
-                print(line, flush=True)
-    else:
-        for job in todo:
-            print(_work(job), flush=True)
+    for line in imap_processes(_work, todo, workers=lm["workers"], threads=params["threads"]):
+        print(line, flush=True)
     if args.run is None:
         m = collect(params)
         print(f"teacher val ppl {m['teacher']['val_ppl']:.2f}", flush=True)

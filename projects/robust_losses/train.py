@@ -28,6 +28,7 @@ from core.data.fashion_mnist import load_fashion_mnist
 from core.training import build_trainer, seed_everything
 from core.utils.io import atomic_write_json, atomic_write_text
 from core.utils.parallel import map_processes
+from core.utils.runs import load_cached, store_run
 from projects.robust_losses.common import (
     NoisyLabelMLP,
     arg_parser,
@@ -143,10 +144,9 @@ _DATA: dict[str, Any] = {}  # per process: the data of the last params seen
 def run_job(job: tuple[str, float, int, str], p: dict, code: str) -> dict[str, Any]:
     """One run, or its stored result when the file at :func:`run_path` has the same config."""
     path, config = run_path(Path(p["paths"]["outputs"]), job), run_config(p, job, code)
-    if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored["config"] == config:
-            return stored | {"cached": True}
+    stored = load_cached(path, config)
+    if stored is not None:
+        return stored | {"cached": True}
     key = json.dumps(p["data"], sort_keys=True) + json.dumps(p["probe"], sort_keys=True)
     if _DATA.get("key") != key:
         _DATA.update(key=key, data=prepare_data(p))
@@ -155,13 +155,15 @@ def run_job(job: tuple[str, float, int, str], p: dict, code: str) -> dict[str, A
     y_noisy = noisy_labels(data["y_train"], noise, rate, seed)
     t0 = time.perf_counter()
     hist = run_one(p, data, loss, y_noisy, seed)
-    result = {
-        "config": config,
-        "actual_noise": float((y_noisy != data["y_train"]).mean()),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "history": hist,
-    }
-    atomic_write_json(path, result)
+    result = store_run(
+        path,
+        config,
+        {
+            "actual_noise": float((y_noisy != data["y_train"]).mean()),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "history": hist,
+        },
+    )
     last = hist[-1]
     print(
         f"{condition_name(noise, rate):15s} seed {seed} {loss:8s} test acc "

@@ -154,23 +154,6 @@ def test_summarise_mean_and_sample_std():
     assert row["accuracy_std"] == pytest.approx(np.std([0.8, 0.82, 0.87], ddof=1))
 
 
-def test_cached_run_reuses_a_result_only_for_the_same_config(tmp_path):
-    calls = []
-
-    def fn():
-        calls.append(1)
-        return {"metrics": {"accuracy": len(calls)}}
-
-    path = tmp_path / "run.json"
-    first = common.cached_run(path, {"a": 1}, fn)
-    again = common.cached_run(path, {"a": 1}, fn)
-    assert not first["cached"] and again["cached"] and len(calls) == 1
-    assert again["metrics"] == first["metrics"]
-    changed = common.cached_run(path, {"a": 2}, fn)
-    assert not changed["cached"] and changed["metrics"]["accuracy"] == 2
-    assert json.loads(path.read_text())["config"] == {"a": 2}
-
-
 # --- pipeline on fake data -------------------------------------------------------------------
 
 
