@@ -8,19 +8,20 @@ scales the stored gradients. Memory is O(chunk x V + N x D + V x D); cost 8 N V 
 (two forward GEMMs, two gradient GEMMs). The teacher receives no gradient.
 
 Closed forms use d/ds_k sum_j f(q_j) = q_k (g_k - sum_j q_j g_j), g = df/dq, q = softmax(s).
-Forward KL, reverse KL and JS are written in place over the two logit buffers (3-5 (chunk, V)
-buffers in all), so their chunks can be larger, hence their GEMMs faster, at equal memory.
+Forward and reverse KL, JS, skew KL / skew reverse KL and AKL (the divergences of the kd LM
+runs) are written in place over the two logit buffers (3-5 (chunk, V) buffers in all), so their
+chunks can be larger, hence their GEMMs faster, at equal memory. AKL finds the teacher's head
+with a growing top-k instead of sorting the vocabulary.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from core.losses.divergences import _log_cosh_half, akl_weights, bdkd_weights
+from core.losses.divergences import _log_cosh_half, bdkd_weights
 
 # The chunk's (chunk, V) work buffers may use this fraction of the gradient buffers.
 CHUNK_BUDGET_FRACTION = 0.25
@@ -49,13 +50,6 @@ def pick_chunk_size(n: int, v: int, d: int, dtype: torch.dtype, n_buffers: int) 
 def _through_softmax(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. s given g = dD/dq (k, V), in place on g: q * (g - <q, g>)."""
     return g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
-
-
-def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w a + (1 - w) b) from log-probabilities; w in [0, 1)."""
-    if w == 0.0:
-        return lb.clone()
-    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
 
 
 def _fkl_rkl(ls, lt, q, p):
@@ -120,22 +114,89 @@ def _total_variation(ls, lt, q, p):
     return loss, _through_softmax(q, diff.sign_().mul_(0.5))
 
 
-def _skew_kl(ls, lt, q, p, lam: float = 0.1):
-    lm = _log_mix(lt, ls, lam)  # m = lam p + (1 - lam) q
-    loss = (p * (lt - lm)).sum(-1)
-    return loss, _through_softmax(q, lm.neg_().add_(lt).exp_().mul_(-(1 - lam)))  # -(1-l) p/m
+def _log_mix_(out, a, b, w: float):
+    """log(w a + (1 - w) b) from probabilities a, b into ``out`` (floored at the smallest
+    normal number, where both underflow and the term's weight is 0 anyway)."""
+    torch.mul(b, 1.0 - w, out=out).add_(a, alpha=w)
+    return out.clamp_min_(torch.finfo(out.dtype).tiny).log_()
 
 
-def _skew_reverse_kl(ls, lt, q, p, lam: float = 0.1):
-    r = _log_mix(ls, lt, lam).neg_().add_(ls)  # log(q / m), m = lam q + (1 - lam) p
-    loss = (q * r).sum(-1)
-    return loss, _through_softmax(q, r.sub_(r.exp().mul_(lam)))  # log(q/m) - lam q/m
+def _skew_kl(s, t, lam: float = 0.1):
+    """Skew KL(p || m), m = lam p + (1 - lam) q, from scaled logits, overwriting s and t (two
+    extra buffers). d/dq_j = -(1 - lam) p_j / m_j, taken through the softmax."""
+    ls, lt = _log_softmax_(s), _log_softmax_(t)
+    q, p = ls.exp(), lt.exp()
+    lm = _log_mix_(s, p, q, lam)  # log m, in s (log q is no longer needed)
+    r = lt.sub_(lm)  # log(p / m), in t
+    loss = torch.mul(p, r, out=s).sum(-1)
+    g = r.exp_().mul_(-(1.0 - lam))  # -(1 - lam) p / m, in t
+    dot = torch.mul(q, g, out=s).sum(-1)
+    return loss, g.sub_(dot[:, None]).mul_(q)
 
 
-def _akl(ls, lt, q, p, mu: float = 0.5):
-    w_head, w_tail = akl_weights(ls, lt, mu)
-    fkl, rkl, gf, gr = _fkl_rkl(ls, lt, q, p)
-    return w_head * fkl + w_tail * rkl, gf.mul_(w_head[:, None]).add_(gr.mul_(w_tail[:, None]))
+def _skew_reverse_kl(s, t, lam: float = 0.1):
+    """Skew KL(q || m), m = lam q + (1 - lam) p, from scaled logits, overwriting s and t (two
+    extra buffers). d/dq_j = log(q_j / m_j) - lam q_j / m_j (+1, which the softmax removes)."""
+    ls, lt = _log_softmax_(s), _log_softmax_(t)
+    q, p = ls.exp(), lt.exp()
+    lm = _log_mix_(t, q, p, lam)  # log m, in t (log p is no longer needed)
+    r = ls.sub_(lm)  # log(q / m), in s
+    loss = torch.mul(q, r, out=t).sum(-1)
+    g = r.sub_(torch.exp(r, out=t).mul_(lam))  # log(q/m) - lam q/m, in s
+    dot = torch.mul(q, g, out=t).sum(-1)
+    return loss, g.sub_(dot[:, None]).mul_(q)
+
+
+def _akl_weights_topk(q, p, scratch, mu: float, k0: int = 64):
+    """AKL (head, tail) weights (k,) from probabilities q (student), p (teacher) (k, V).
+
+    Same rule as ``core.losses.divergences.akl_weights`` (the teacher's head is its top classes
+    up to cumulative mass ``mu``, the top class always included; the weights are the L1 gaps on
+    head and tail over their sum) without sorting the vocabulary: the head lies inside the
+    teacher's top-k, k grown 4-fold until every row's top-k mass exceeds ``mu`` (each row block
+    starts from the k its predecessor needed). The tail gap is the total L1 gap minus the
+    head's. Rows go in blocks of k / 8, so the (rows, top-k) temporaries stay below one (k, V)
+    buffer even for a flat teacher (top-k -> V: a full sort, as in the reference).
+    ``scratch`` (k, V) is overwritten. Wu et al. 2024, arXiv 2404.02657.
+    """
+    n, v = p.shape
+    total = torch.sub(q, p, out=scratch).abs_().sum(-1)  # (k,) L1 gap over all classes
+    g_head = torch.empty_like(total)
+    block = max(1, n // 8)
+    top = min(k0, v)
+    for r in range(0, n, block):
+        pb, qb = p[r : r + block], q[r : r + block]
+        while True:
+            p_top, idx = pb.topk(top, -1)  # (rows, top), descending
+            cum = p_top.cumsum_(-1) if top == v else p_top.cumsum(-1)
+            if top == v or bool((cum[:, -1] > mu).all()):
+                break
+            top = min(4 * top, v)
+        head = cum <= mu
+        head[:, 0] = True  # the top class is always head
+        del cum
+        if top == v:  # p_top was overwritten by its cumsum
+            p_top = pb.gather(-1, idx)
+        gap = p_top.sub_(qb.gather(-1, idx)).abs_()
+        g_head[r : r + block] = gap.masked_fill_(~head, 0.0).sum(-1)
+    g_tail = (total - g_head).clamp_min_(0.0)
+    tot = g_head + g_tail
+    w_head = torch.where(tot > 0, g_head / tot.clamp_min(1e-30), 0.5)
+    return w_head, 1.0 - w_head
+
+
+def _akl(s, t, mu: float = 0.5):
+    """AKL from scaled logits, overwriting s and t (two extra buffers): w_h FKL + w_t RKL.
+
+    d/ds = w_h (q - p) + w_t q (log q/p - RKL) = q (w_h + w_t (log q/p - RKL)) - w_h p.
+    """
+    ls, lt = _log_softmax_(s), _log_softmax_(t)
+    q, p = ls.exp(), lt.exp()
+    d = ls.sub_(lt)  # (k, V) log q - log p, in s; t is scratch from here on
+    fkl, rkl = -torch.mul(p, d, out=t).sum(-1), torch.mul(q, d, out=t).sum(-1)
+    w_head, w_tail = _akl_weights_topk(q, p, t, mu)
+    g = d.sub_(rkl[:, None]).mul_(w_tail[:, None]).add_(w_head[:, None]).mul_(q)
+    return w_head * fkl + w_tail * rkl, g.sub_(p.mul_(w_head[:, None]))
 
 
 def _bdkd(ls, lt, q, p, lam: float = 2.0):
@@ -165,9 +226,9 @@ SPECS: dict[str, tuple[Spec, bool, int]] = {
     "symmetric_kl": (_symmetric_kl, True, 7),
     "js": (_js, False, 5),
     "total_variation": (_total_variation, True, 6),
-    "skew_kl": (_skew_kl, True, 7),
-    "skew_reverse_kl": (_skew_reverse_kl, True, 7),
-    "akl": (_akl, True, 8),
+    "skew_kl": (_skew_kl, False, 4),
+    "skew_reverse_kl": (_skew_reverse_kl, False, 4),
+    "akl": (_akl, False, 4),
     "bdkd": (_bdkd, True, 7),
     "binary_kl": (_binary_kl, False, 6),
     "dual_head_binary_kl": (_dual_head_binary_kl, False, 6),

@@ -62,6 +62,19 @@ def test_tolerance_rule_low_precision(name, dtype):
         assert err <= (t.double() - r).abs().max() + tol, (err, (t.double() - r).abs().max())
 
 
+@pytest.mark.parametrize(("teacher_scale", "mu"), [(0.02, 0.9), (3.0, 0.5), (0.5, 0.99)])
+def test_akl_head_search_matches_sorted_reference(teacher_scale, mu):
+    # the fused AKL finds the teacher's head by a growing top-k instead of a full sort; a flat
+    # teacher with mu 0.9 needs most of the 1031 classes (the top-k grows), a peaked one few
+    e_s, w_s, e_t, w_t, y = _inputs(seed=3)
+    w_t = w_t * teacher_scale
+    kw = dict(divergence="akl", mu=mu, targets=y)
+    got = _run(e_s, w_s, e_t, w_t, impl="chunked", chunk_size=16, **kw)
+    want = _run(e_s, w_s, e_t, w_t, impl="reference", **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_ignored_rows_and_hyperparameters_and_sum():
     e_s, w_s, e_t, w_t, y = _inputs(seed=2)
     kw = dict(divergence="skew_kl", lam=0.4, targets=y, reduction="sum")
@@ -137,3 +150,23 @@ def test_finite_at_extreme_logits(name):
     e_s = (2e3 * e_s.detach()).requires_grad_()  # logits of order +-1e4
     loss, de, dw = _run(e_s, w_s, e_t * 2e3, w_t, divergence=name, targets=y, hard_weight=0.1)
     assert torch.isfinite(loss) and torch.isfinite(de).all() and torch.isfinite(dw).all()
+
+
+def test_benchmark_cli_writes_rows_per_divergence_and_method(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "kernels.kd.benchmark", "--n", "64", "--v", "300", "--d", "8",
+           "--repeats", "1", "--threads", "1", "--divergences", "forward_kl,akl",
+           "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    res = json.loads((tmp_path / "results.json").read_text())
+    got = [(r["divergence"], r["method"]) for r in res["rows"]]
+    assert got == [(d, m) for d in ("forward_kl", "akl") for m in ("materialised", "chunked")]
+    for r in res["rows"]:
+        assert r["time_s"] > 0 and r["peak_above_inputs_mb"] >= 0
+        assert r["peak_vs_grad_buffers"] == r["peak_above_inputs_mb"] / res["grad_buffers_mb"]
+    assert res["rows"][0]["time_vs_materialised"] == 1.0
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| akl | ") == 2 and "N=64 V=300 D=8" in md
