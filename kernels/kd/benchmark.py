@@ -1,13 +1,15 @@
 """Benchmark: fused linear KD loss vs the materialised loss, time (fwd+bwd) and peak memory.
 
-Each method runs in a fresh subprocess. Memory is the peak RSS during one fwd+bwd above the
-RSS before it (Linux VmHWM, reset through /proc/self/clear_refs), or on CUDA the peak
-allocated memory above the inputs; it is compared with the gradient buffers ((N + V) x D
-floats, the lower bound of any method). The first call (which also pays one-time library
-initialisation) is reported apart from the steady-state second call. Liger's fused linear JSD is timed too when a GPU and
-liger-kernel are present.
+Every (divergence, method) runs in a fresh subprocess. Memory is the peak RSS during one
+fwd+bwd above the RSS before it (Linux VmHWM, reset through /proc/self/clear_refs), or on CUDA
+the peak allocated memory above the inputs; it is compared with the gradient buffers
+((N + V) x D floats, the lower bound of any method). The first call (which also pays one-time
+library initialisation) is reported apart from the steady-state second call; the time is the
+median of ``--repeats`` further calls. On CUDA, Liger's fused linear JSD is timed beside
+``js`` when liger-kernel is installed. With ``--out`` writes results.json and results.md.
 
-    python -m kernels.kd.benchmark --n 4096 --v 65536 --d 512 --divergence forward_kl
+    python -m kernels.kd.benchmark --n 4096 --v 65536 --d 512 --divergences forward_kl,js \
+        --out DIR
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,13 +98,54 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
+def _run_method(args: argparse.Namespace, divergence: str, method: str) -> dict:
+    """One (divergence, method) row, measured in a fresh subprocess (clean RSS)."""
+    cmd = [sys.executable, "-m", "kernels.kd.benchmark", "--method", method,
+           "--divergences", divergence, "--n", str(args.n), "--v", str(args.v),
+           "--d", str(args.d), "--temperature", str(args.temperature),
+           "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--device", args.device]  # fmt: skip
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"divergence": divergence, "method": method, "error": err[:300]}
+    return {"divergence": divergence, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def markdown(rows: list[dict], config: dict, grad_mb: float) -> str:
+    """The results table: per divergence, each method's time and peak memory with the ratios."""
+    head = (
+        f"Fused linear KD loss, fwd+bwd, N={config['n']} V={config['v']} D={config['d']} fp32, "
+        f"T={config['temperature']}, device {config['device']} ({config['threads_used']} "
+        f"threads); time: median of {config['repeats']} calls after two untimed ones; memory: "
+        f"peak above the inputs of the second (steady) call; gradient buffers (N + V) x D = "
+        f"{grad_mb:.1f} MB. Targets: time <= 1.2 x materialised, memory <= 1.25 x the "
+        "gradient buffers.\n\n"
+        "| divergence | method | time s | x materialised | peak MB above inputs | x grad buffers "
+        "| first-call peak MB |\n|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['divergence']} | {r['method']} | {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['divergence']} | {r['method']} | {r['time_s']:.2f} "
+            f"| {r['time_vs_materialised']:.2f} | {r['peak_above_inputs_mb']:.0f} "
+            f"| {r['peak_vs_grad_buffers']:.2f} | {r['first_call_peak_mb']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    """CLI: run every method in its own subprocess, print the table, optionally save JSON."""
+    """CLI: every (divergence, method) in its own subprocess; print and optionally save."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--v", type=int, default=65536)
     p.add_argument("--d", type=int, default=512)
-    p.add_argument("--divergence", default="forward_kl")
+    p.add_argument("--divergences", default="forward_kl", help="comma-separated registry names")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -109,9 +153,10 @@ def main() -> None:
     p.add_argument("--methods", default="materialised,chunked", help="comma-separated")
     p.add_argument("--chunk-size", type=int, default=None, help="chunked rows per chunk")
     p.add_argument("--method", help=argparse.SUPPRESS)  # set in the worker subprocess
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write results.json and results.md into this directory")
     args = p.parse_args()
     if args.method:
+        args.divergence = args.divergences
         print(json.dumps(worker(args)))
         return
     methods = args.methods.split(",")
@@ -123,34 +168,29 @@ def main() -> None:
         except ImportError:
             print("liger-kernel not installed: skipping its fused linear JSD", file=sys.stderr)
     grad_mb = (args.n + args.v) * args.d * 4 / 2**20
-    rows = []
-    for m in methods:
-        out = subprocess.run(
-            [sys.executable, "-m", "kernels.kd.benchmark", *sys.argv[1:], "--method", m],
-            capture_output=True,
-            text=True,
-            check=True,
+    config = vars(args) | {"threads_used": args.threads or torch.get_num_threads()}
+    rows: list[dict] = []
+    for divergence in args.divergences.split(","):
+        todo = [m for m in methods if m != "liger" or divergence == "js"]  # Liger has JSD only
+        block = [_run_method(args, divergence, m) for m in todo]
+        base = next(
+            (r["time_s"] for r in block if r.get("method") == "materialised" and "error" not in r),
+            float("nan"),
         )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = next((r["time_s"] for r in rows if r["method"] == "materialised"), float("nan"))
-    print(
-        f"N={args.n} V={args.v} D={args.d} {args.divergence} on {args.device}; grad buffers {grad_mb:.1f} MB"
-    )
-    print(f"{'method':<14}{'time s':>10}{'x mat.':>9}{'peak MB':>11}{'x grads':>9}{'1st MB':>9}")
-    for r in rows:
-        r["time_vs_materialised"] = r["time_s"] / base
-        r["peak_vs_grad_buffers"] = r["peak_above_inputs_mb"] / grad_mb
-        print(
-            f"{r['method']:<14}{r['time_s']:>10.3f}{r['time_vs_materialised']:>9.2f}"
-            f"{r['peak_above_inputs_mb']:>11.1f}{r['peak_vs_grad_buffers']:>9.2f}"
-            f"{r['first_call_peak_mb']:>9.1f}"
-        )
-    if args.out:
-        from core.utils.io import atomic_write_json
+        for r in block:
+            if "error" not in r:
+                r["time_vs_materialised"] = r["time_s"] / base
+                r["peak_vs_grad_buffers"] = r["peak_above_inputs_mb"] / grad_mb
+        rows += block
+        print(markdown(block, config, grad_mb).split("\n\n", 1)[1], flush=True)
+        if args.out:  # rewritten after every divergence: a killed run keeps the finished rows
+            from core.utils.io import atomic_write_json, atomic_write_text
 
-        atomic_write_json(
-            args.out, {"config": vars(args), "grad_buffers_mb": grad_mb, "rows": rows}
-        )
+            out = Path(args.out)
+            atomic_write_json(
+                out / "results.json", {"config": config, "grad_buffers_mb": grad_mb, "rows": rows}
+            )
+            atomic_write_text(out / "results.md", markdown(rows, config, grad_mb))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def synthetic(tmp_path):
     params = common.load_params()
     params["image"]["paths"]["results"] = str(tmp_path / "results/image")
     params["report"] = {"readme": str(tmp_path / "README.md"), "results": str(tmp_path / "results")}
+    params["bench"]["out"] = str(tmp_path / "results/bench")
     res = tmp_path / "results/image"
     res.mkdir(parents=True)
     teacher = {
@@ -91,6 +92,38 @@ def test_report_writes_tables_claims_and_plot_into_the_marked_block(synthetic):
     assert (tmp_path / "results" / report.PLOT).stat().st_size > 1000
     assert "![student top-1 and ECE per method](results/image_accuracy_ece.png)" in body
     assert "LM part not run." in body
+    assert "Benchmark not run (`make bench PROJECT=kd`)." in body
+
+
+def test_report_bench_section_verdicts_from_the_bench_results(synthetic):
+    tmp_path, path = synthetic
+    out = tmp_path / "results/bench"
+    out.mkdir(parents=True)
+    rows = [
+        {"divergence": "js", "method": "materialised", "time_vs_materialised": 1.0,
+         "peak_vs_grad_buffers": 90.0},
+        {"divergence": "js", "method": "chunked", "time_vs_materialised": 0.61,
+         "peak_vs_grad_buffers": 1.14},
+        {"divergence": "akl", "method": "chunked", "time_vs_materialised": 1.31,
+         "peak_vs_grad_buffers": 1.10},
+        {"divergence": "tv", "method": "chunked", "time_vs_materialised": 0.9,
+         "peak_vs_grad_buffers": 1.26},
+    ]  # fmt: skip
+    (out / "results.json").write_text(json.dumps({"rows": rows}))
+    (out / "results.md").write_text("BENCH TABLE\n")
+    body = report.main(["--params", str(path)])
+    assert "BENCH TABLE" in body
+    assert (
+        "- js: 0.61 x the materialised time, 1.14 x the gradient buffers -> both targets met"
+        in body
+    )
+    assert (
+        "- akl: 1.31 x the materialised time, 1.10 x the gradient buffers -> target missed" in body
+    )
+    assert (
+        "- tv: 0.90 x the materialised time, 1.26 x the gradient buffers -> target missed" in body
+    )
+    assert "no GPU here" in body
 
 
 def test_report_includes_the_lm_section_when_that_part_has_run(synthetic, monkeypatch):
