@@ -392,12 +392,14 @@ bdkd = _make(
     With gap = H(p_s) - H(p_t): gap > 0 (student under-confident) -> KL(p_t||p_s) +
     lam KL(p_s||p_t) (stress mode-seeking RKL); otherwise lam KL(p_t||p_s) + KL(p_s||p_t).
     Weights are constants. Online KD: pass a teacher that requires grad to train it too.
-    UNVERIFIED rule: only the abstract-level description of Amara et al. 2022 ("BD-KD: Balancing
-    the Divergences for Online Knowledge Distillation", arXiv:2212.12965: sample-wise
-    weighting of forward and reverse KL by the teacher/student entropy gap; the teacher uses
-    reverse KL as a regulariser) could be checked, not its equations nor code, so the hard
-    switch, which KL gets lam, and lam = 2 are this module's reading (RKL sharpens an
-    under-confident student, FKL softens an over-confident one), not the paper's.
+    UNVERIFIED rule. Amara et al., "BD-KD: Balancing the Divergences for Online Knowledge
+    Distillation", arXiv:2212.12965: only the abstracts could be read here, not the equations
+    nor any code. v2 (2024): "sample-wise weighting of forward and reverse Kullback-Leibler
+    divergence", adjusting "both the student and teacher losses"; v1 (2022): the balancing is
+    done "at the level of the student distillation loss". That the weights follow the
+    teacher/student entropy gap, and that the teacher keeps reverse KL, come from a third-party
+    summary of the paper. The hard switch, which KL gets lam, and lam = 2 are this module's
+    reading (RKL sharpens an under-confident student, FKL softens an over-confident one).
     """,
 )
 binary_kl = _make(
