@@ -61,8 +61,9 @@ def _sha256_files(paths: list[Path]) -> str:
 
 
 def inputs_digest(params: dict, root: Path = Path(".")) -> str:
-    """Digest of the code in ``SOURCES`` and the teacher checkpoint (shared by all runs)."""
-    files = sorted(f for pattern in SOURCES for f in root.glob(pattern))
+    """Digest of the code in ``SOURCES`` (benchmark scripts aside) and the teacher checkpoint
+    (shared by all runs)."""
+    files = sorted(f for pattern in SOURCES for f in root.glob(pattern) if f.name != "benchmark.py")
     return _sha256_files([*files, root / params["lm"]["paths"]["teacher_ckpt"]])
 
 
