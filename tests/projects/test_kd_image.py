@@ -1,7 +1,6 @@
 """projects/kd image part: params, losses per method, online detaching, metrics, run cache, and
 the teacher -> offline -> online -> report pipeline on fake data."""
 
-import json
 import math
 
 import numpy as np
