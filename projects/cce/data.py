@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.data.tokens import load_token_ids
+
 SPLITS = ("train", "val")
 
 
@@ -21,16 +23,6 @@ def corpus_documents(split: str, root: str | Path | None = None) -> Iterator[str
     from core.data.text_corpus import iter_documents
 
     return iter_documents(split, root=root)
-
-
-def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
-    """The ``(n_tokens,)`` id array of a split written by the tokenizer stage (memory-mapped)."""
-    path = Path(data_dir) / f"{split}.npy"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} missing: run `dvc repro projects/cce/dvc.yaml:cce-tokenizer`"
-        )
-    return np.load(path, mmap_mode="r")
 
 
 class TokenWindows(Dataset):
@@ -65,8 +57,10 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader with exactly ``max_steps`` batches (one epoch, fixed order) and a val loader."""
     bs = train_cfg["batch_size"]
-    train = TokenWindows(load_tokens(data_dir, "train"), block_size, max_steps * bs, seed)
-    val = TokenWindows(load_tokens(data_dir, "val"), block_size, train_cfg["val_windows"], seed + 1)
+    train = TokenWindows(load_token_ids(data_dir, "train"), block_size, max_steps * bs, seed)
+    val = TokenWindows(
+        load_token_ids(data_dir, "val"), block_size, train_cfg["val_windows"], seed + 1
+    )
     return (
         DataLoader(train, batch_size=bs, shuffle=False),
         DataLoader(val, batch_size=train_cfg["val_batch_size"], shuffle=False),

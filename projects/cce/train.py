@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from core.models.gpt import GPT, GPTConfig
+from core.optim import adamw_warmup_cosine
 from core.training import build_trainer, fit_resumable, seed_everything
 from core.utils.io import atomic_open, atomic_write_json
 from projects.cce.common import LOSS_IMPLS, arg_parser, load_params
@@ -69,26 +70,7 @@ class LMModule(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW (no decay on biases, norms, embeddings), linear warm-up then cosine decay."""
-        c = self.optim_cfg
-        decay = [p for n, p in self.named_parameters() if p.ndim == 2 and "emb" not in n]
-        no_decay = [p for n, p in self.named_parameters() if not (p.ndim == 2 and "emb" not in n)]
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": c["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=c["lr"],
-            betas=tuple(c["betas"]),
-        )
-        total, warm, floor = self.trainer.max_steps, c["warmup_steps"], c["min_lr_ratio"]
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        opt, sched = adamw_warmup_cosine(self, self.optim_cfg, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,7 +9,6 @@ through ``core.losses.linear_cross_entropy``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +44,6 @@ def make_student(teacher_cfg: GPTConfig, student_cfg: dict, seed: int) -> GPT:
     torch.manual_seed(seed)
     cfg = dict(vocab_size=teacher_cfg.vocab_size, block_size=teacher_cfg.block_size)
     return GPT(GPTConfig(**{**cfg, **student_cfg}))
-
-
-def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
-    """The ``(n_tokens,)`` uint16 ids of a split written by the cce tokenizer stage."""
-    path = Path(data_dir) / f"{split}.npy"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} missing: run `dvc repro projects/cce/dvc.yaml:cce-tokenizer`"
-        )
-    return np.load(path, mmap_mode="r")
 
 
 def window_batches(
@@ -110,27 +99,3 @@ def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> fl
         n += y.numel()
     model.train(was_training)
     return total / n
-
-
-def make_optimizer(model: GPT, cfg: dict, total_steps: int):
-    """AdamW (no decay on biases, norms, embeddings), linear warm-up then cosine to
-    ``min_lr_ratio`` (the cce recipe)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "emb" not in n)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg["weight_decay"]},
-            {"params": rest, "weight_decay": 0.0},
-        ],
-        lr=cfg["lr"],
-        betas=tuple(cfg["betas"]),
-    )
-    warm, floor = cfg["warmup_steps"], cfg["min_lr_ratio"]
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from core.data.tokens import load_token_ids
+from core.optim import adamw_warmup_cosine
 from core.utils.io import atomic_open, atomic_write_json
 from core.utils.parallel import imap_processes
 from core.utils.runs import load_cached, store_run
@@ -31,8 +33,6 @@ from projects.kd.lm_common import (
     evaluate,
     load_params,
     load_teacher,
-    load_tokens,
-    make_optimizer,
     make_student,
     split_run,
     step_loss,
@@ -44,6 +44,7 @@ SOURCES = (
     "projects/kd/lm_common.py",
     "projects/kd/lm_train.py",
     "core/models/gpt.py",
+    "core/optim.py",
     "core/losses/*.py",
     "kernels/kd/*.py",
     "kernels/cce/*.py",
@@ -88,20 +89,20 @@ def train_run(params: dict, name: str, fp: str = "") -> dict:
     student = make_student(teacher.cfg, lm["student"], seed)
     block = teacher.cfg.block_size
     train = window_batches(
-        load_tokens(lm["paths"]["data"], "train"),
+        load_token_ids(lm["paths"]["data"], "train"),
         block,
         tr["steps"] * tr["batch_size"],
         tr["batch_size"],
         seed,
     )
     val = window_batches(
-        load_tokens(lm["paths"]["data"], "val"),
+        load_token_ids(lm["paths"]["data"], "val"),
         block,
         tr["val_windows"],
         tr["batch_size"],
         seed + 1,
     )
-    opt, sched = make_optimizer(student, lm["optim"], tr["steps"])
+    opt, sched = adamw_warmup_cosine(student, lm["optim"], tr["steps"])
     curve: list[tuple[int, float]] = []
     t0, c0 = time.perf_counter(), time.process_time()
     student.train()
@@ -165,7 +166,7 @@ def collect(params: dict) -> dict:
     lm = params["lm"]
     teacher = load_teacher(lm["paths"]["teacher_ckpt"])
     val = window_batches(
-        load_tokens(lm["paths"]["data"], "val"),
+        load_token_ids(lm["paths"]["data"], "val"),
         teacher.cfg.block_size,
         lm["train"]["val_windows"],
         lm["train"]["batch_size"],
