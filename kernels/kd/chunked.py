@@ -168,15 +168,12 @@ def _akl_weights_topk(q, p, scratch, mu: float, k0: int = 64):
         pb, qb = p[r : r + block], q[r : r + block]
         while True:
             p_top, idx = pb.topk(top, -1)  # (rows, top), descending
-            cum = p_top.cumsum_(-1) if top == v else p_top.cumsum(-1)
+            cum = p_top.cumsum(-1)
             if top == v or bool((cum[:, -1] > mu).all()):
                 break
             top = min(4 * top, v)
         head = cum <= mu
         head[:, 0] = True  # the top class is always head
-        del cum
-        if top == v:  # p_top was overwritten by its cumsum
-            p_top = pb.gather(-1, idx)
         gap = p_top.sub_(qb.gather(-1, idx)).abs_()
         g_head[r : r + block] = gap.masked_fill_(~head, 0.0).sum(-1)
     g_tail = (total - g_head).clamp_min_(0.0)
