@@ -16,7 +16,16 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _validate(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, impl):
+def _validate(
+    e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, impl, memory_target
+):
+    if memory_target is not None and not (
+        isinstance(memory_target, float | int) and 1.0 < memory_target < float("inf")
+    ):
+        raise ValueError(
+            f"memory_target must be None or a finite number > 1 (x the gradient buffers), "
+            f"got {memory_target!r}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
@@ -77,6 +86,7 @@ def linear_cross_entropy(
     filter_eps: float | str | None = "auto",
     return_lse: bool = False,
     impl: str = "auto",
+    memory_target: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T + bias`` against ``targets`` without materialising the logits.
 
@@ -87,10 +97,24 @@ def linear_cross_entropy(
     in fp32. ``softcap``: cap * tanh(x / cap) (Gemma 2); ``shift``: e[..., :-1, :] predicts
     targets[..., 1:]; ``filter_eps``: the Triton backward's gradient-filter threshold (ignored
     on CPU). ``impl``: "auto" (CUDA -> Triton, CPU -> chunked), "chunked", "triton",
-    "reference" (materialised, tests only).
+    "reference" (materialised, tests only). ``memory_target`` (chunked path only): the peak
+    memory above the inputs as a multiple of the gradient buffers ((N + V) x D), default 1.25;
+    a larger value buys bigger token chunks, i.e. longer and faster GEMMs.
     Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
     """
-    _validate(e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, impl)
+    _validate(
+        e,
+        c,
+        targets,
+        bias,
+        ignore_index,
+        softcap,
+        reduction,
+        shift,
+        filter_eps,
+        impl,
+        memory_target,
+    )
     return linear_cross_entropy_impl(
         e,
         c,
@@ -103,6 +127,7 @@ def linear_cross_entropy(
         filter_eps=filter_eps,
         return_lse=return_lse,
         impl=impl,
+        memory_target=memory_target,
     )
 
 
@@ -121,6 +146,7 @@ class LinearCrossEntropy(nn.Module):
         filter_eps: float | str | None = "auto",
         return_lse: bool = False,
         impl: str = "auto",
+        memory_target: float | None = None,
     ) -> None:
         super().__init__()
         self.options = dict(
@@ -131,6 +157,7 @@ class LinearCrossEntropy(nn.Module):
             filter_eps=filter_eps,
             return_lse=return_lse,
             impl=impl,
+            memory_target=memory_target,
         )
 
     def forward(

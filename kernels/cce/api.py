@@ -91,13 +91,16 @@ def linear_cross_entropy_impl(
     impl: str = "auto",
     chunk_size: int | None = None,
     sort_vocab: bool = False,
+    memory_target: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cut Cross-Entropy on validated inputs: e (..., D), c (V, D), targets (...), bias (V,).
 
     Returns the loss (scalar, or shaped like ``targets`` for "none") and with ``return_lse`` the
     per-token LSE shaped like ``targets``. With ``shift`` e[..., :-1, :] predicts
     targets[..., 1:] without copying e, and per-token outputs have shape (..., T - 1) (as in
-    cut_cross_entropy). Wijmans et al. 2024, arXiv 2411.09009.
+    cut_cross_entropy). ``chunk_size`` / ``memory_target``: the chunked path's rows per chunk,
+    or the peak memory it may use as a multiple of the gradient buffers (default 1.25).
+    Wijmans et al. 2024, arXiv 2411.09009.
     """
     d = c.shape[1]
     e2 = e.reshape(-1, d)  # (N, D), a view when e is contiguous
@@ -110,7 +113,7 @@ def linear_cross_entropy_impl(
         impl = "triton" if e.device.type == "cuda" else "chunked"
     if impl == "chunked":
         loss, lse = chunked_linear_cross_entropy(
-            e2, c, t, bias, ignore_index, softcap, reduction, return_lse, chunk_size
+            e2, c, t, bias, ignore_index, softcap, reduction, return_lse, chunk_size, memory_target
         )
     elif impl == "triton":
         _check_triton_available(e.device)

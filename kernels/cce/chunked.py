@@ -31,15 +31,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pick_chunk_size(n: int, v: int, d: int, dtype: torch.dtype, n_buffers: int = 1) -> int:
+def pick_chunk_size(
+    n: int,
+    v: int,
+    d: int,
+    dtype: torch.dtype,
+    n_buffers: int = 1,
+    memory_target: float = MEMORY_TARGET,
+) -> int:
     """Rows per chunk so that the (V, chunk) buffers fit in the memory budget.
 
-    Budget: (MEMORY_TARGET - 1) x the gradient buffers ((N + V) x D accumulators) minus a small
-    margin, so the peak above the inputs stays <= MEMORY_TARGET x the gradient buffers.
+    Budget: (memory_target - 1) x the gradient buffers ((N + V) x D accumulators) minus a small
+    margin, so the peak above the inputs stays <= memory_target x the gradient buffers. A
+    larger target buys longer GEMMs (more rows per chunk), i.e. speed for memory.
     """
+    if not memory_target > 1.0:
+        raise ValueError(f"memory_target must be > 1 (x the gradient buffers), got {memory_target}")
     item = torch.finfo(acc_dtype(dtype)).bits // 8
     grad_bytes = (n + v) * d * item
-    budget = max((MEMORY_TARGET - 1) * grad_bytes - SAFETY_BYTES, MIN_CHUNK_BUDGET_BYTES)
+    budget = max((memory_target - 1) * grad_bytes - SAFETY_BYTES, MIN_CHUNK_BUDGET_BYTES)
     rows = int(budget // (v * item * n_buffers))
     rows = rows // 8 * 8 if rows >= 16 else max(rows, 1)
     return max(1, min(rows, n))
@@ -201,16 +211,20 @@ def chunked_linear_cross_entropy(
     reduction: str = "mean",
     return_lse: bool = False,
     chunk_size: int | None = None,
+    memory_target: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused linear + cross-entropy on flat rows without the (N, V) logits.
 
     e (N, D), c (V, D), targets (N,), bias (V,) -> (loss, lse): loss is a scalar (mean over
     non-ignored rows / sum) or (N,) for "none"; lse (N,) is differentiable and 0 on ignored
-    rows. Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary LMs", arXiv 2411.09009.
+    rows. ``chunk_size`` (rows per chunk) overrides ``memory_target`` (peak above the inputs as
+    a multiple of the gradient buffers, default MEMORY_TARGET), from which it is derived.
+    Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary LMs", arXiv 2411.09009.
     """
     if chunk_size is None:
         n_buf = 2 if softcap is not None else 1
-        chunk_size = pick_chunk_size(e.shape[0], c.shape[0], e.shape[1], e.dtype, n_buf)
+        target = MEMORY_TARGET if memory_target is None else memory_target
+        chunk_size = pick_chunk_size(e.shape[0], c.shape[0], e.shape[1], e.dtype, n_buf, target)
     return _ChunkedCCE.apply(
         e, c, bias, targets, ignore_index, softcap, reduction, return_lse, chunk_size
     )

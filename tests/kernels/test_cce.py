@@ -151,6 +151,39 @@ def test_chunk_size_respects_memory_budget():
     assert rows >= 64 and grad_bytes + rows * v * 4 <= MEMORY_TARGET * grad_bytes
     assert pick_chunk_size(n, v, d, torch.float32, n_buffers=2) <= rows // 2
     assert pick_chunk_size(5, 10, 3, torch.float32) == 5
+    wide = pick_chunk_size(n, v, d, torch.float32, memory_target=1.5)
+    assert wide >= 2 * rows - 16 and grad_bytes + wide * v * 4 <= 1.5 * grad_bytes
+    with pytest.raises(ValueError, match="memory_target"):
+        pick_chunk_size(n, v, d, torch.float32, memory_target=0.9)
+
+
+def test_memory_target_changes_chunks_not_results(monkeypatch):
+    """A larger memory_target means fewer, bigger chunks and the same loss and gradients."""
+    import kernels.cce.chunked as chunked
+
+    seen = []
+    sweep = chunked._sweep
+
+    def spy(*args, **kwargs):
+        seen.append(args[6])  # chunk_size
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "_sweep", spy)
+    e, c, t, _ = make_inputs(300, 5000, 16, torch.float64)
+    # tiny shapes hit the 8 MiB floor; shrink it so the targets decide the chunk size
+    monkeypatch.setattr(chunked, "MIN_CHUNK_BUDGET_BYTES", 1)
+    monkeypatch.setattr(chunked, "SAFETY_BYTES", 0)
+    out = {}
+    for target in (1.1, 3.0):
+        ee, cc = e.clone().requires_grad_(), c.clone().requires_grad_()
+        loss = linear_cross_entropy(ee, cc, t, impl="chunked", memory_target=target)
+        loss.backward()
+        out[target] = (loss.detach(), ee.grad, cc.grad)
+    assert seen[0] < seen[1] <= 300
+    for a, b in zip(out[1.1], out[3.0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    ref, _ = reference_linear_cross_entropy(e, c, t)
+    torch.testing.assert_close(out[3.0][0], ref, rtol=1e-12, atol=1e-14)
 
 
 def test_sgd_training_step_matches_reference():
@@ -206,12 +239,16 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         ({"reduction": "avg"}, "reduction"),
         ({"impl": "cuda"}, "impl"),
         ({"softcap": 0.0}, "softcap"),
+        ({"memory_target": 1.0}, "memory_target"),
+        ({"memory_target": float("inf")}, "memory_target"),
+        ({"memory_target": "1.5"}, "memory_target"),
     ],
 )
 def test_bad_inputs_raise_value_error(kwargs, match):
     args = {"e": torch.zeros(8, 4), "c": torch.zeros(20, 4), "t": torch.zeros(8, dtype=torch.long)}
     args["b"] = None
-    opts = {k: kwargs.pop(k) for k in ("reduction", "impl", "softcap") if k in kwargs}
+    keys = ("reduction", "impl", "softcap", "memory_target")
+    opts = {k: kwargs.pop(k) for k in keys if k in kwargs}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(args["e"], args["c"], args["t"], bias=args["b"], **opts)
