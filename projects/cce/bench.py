@@ -16,8 +16,9 @@ from projects.cce.common import arg_parser, load_params
 def bench_command(cfg: dict) -> list[str]:
     """The ``kernels.cce.benchmark`` command line for a ``bench:`` params block."""
     cmd = [sys.executable, "-m", "kernels.cce.benchmark", "--out", str(cfg["out"])]
-    for key in ("n", "v", "d", "repeats"):
-        cmd += [f"--{key}", str(cfg[key])]
+    for key in ("n", "v", "d", "repeats", "rounds"):
+        if key in cfg:
+            cmd += [f"--{key}", str(cfg[key])]
     if cfg.get("sweep"):
         cmd += ["--sweep", ",".join(str(v) for v in cfg["sweep"])]
     if cfg.get("methods"):

@@ -17,6 +17,10 @@ from core.utils.io import atomic_open, atomic_write_json, replace_marked_section
 from projects.cce.common import LOSS_IMPLS, arg_parser, load_params
 
 AGREEMENT_TOL = 0.01  # final val loss / perplexity of the two runs must agree within 1% relative
+# Issue targets for the CPU path at the main benchmark size (N 4096, V 65536, D 512, fp32):
+MEMORY_TARGET = 1.25  # peak above the inputs / gradient buffers ((N + V) x D floats)
+BOUND_TARGET = 1.3  # time / (6 N V D flops at the measured sgemm rate)
+PEER_TARGET = 1.0  # time / the fastest peer's time (median over interleaved rounds)
 
 # Paper Table 1: A100-SXM4-80GB, N=8192, V=256000, D=2304 (Gemma 2 2B), bf16; loss+grad.
 PAPER_TABLE1 = [
@@ -90,6 +94,63 @@ def runs_table(m: dict[str, dict], agree: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_targets(bench: dict) -> dict:
+    """The issue's targets for each chunked variant at the main V, from results.json.
+
+    Per variant: memory ratio, 6NVD-bound ratios, and the per-round ratio to the fastest peer
+    (``kernels.cce.benchmark.versus_fastest_peer``) with wall and CPU-time medians; ``met`` is
+    each target's verdict (the peer target needs both medians <= PEER_TARGET).
+    """
+    from kernels.cce.benchmark import versus_fastest_peer
+
+    v = bench["meta"]["v"]
+    out = {}
+    for r in bench["rows"]:
+        if r["v"] != v or not r["method"].startswith("cce_") or "fwd_bwd_s" not in r:
+            continue
+        vs = versus_fastest_peer(bench["rows"], v, ours=r["method"])
+        t = {
+            "mem_vs_grad_buffers": r["mem_vs_grad_buffers"],
+            "time_vs_bound": r["time_vs_bound"],
+            "cpu_time_vs_bound": r["cpu_time_vs_bound"],
+            "vs_fastest_peer": vs,
+        }
+        t["met"] = {
+            "memory": r["mem_vs_grad_buffers"] <= MEMORY_TARGET,
+            "bound": max(r["time_vs_bound"], r["cpu_time_vs_bound"]) <= BOUND_TARGET,
+            "peer": vs is not None and max(vs["wall_median"], vs["cpu_median"]) <= PEER_TARGET,
+        }
+        out[r["method"]] = t
+    return out
+
+
+def targets_text(targets: dict, v: int) -> str:
+    """One bullet per chunked variant: each target's figure and verdict."""
+    yes = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    lines = [f"Targets at V={v} (computed from the table above):"]
+    for method, t in targets.items():
+        parts = [
+            f"memory {t['mem_vs_grad_buffers']:.2f} x the gradient buffers "
+            f"(target <= {MEMORY_TARGET}: {yes(t['met']['memory'])})",
+            f"{t['time_vs_bound']:.2f} x the 6NVD bound, {t['cpu_time_vs_bound']:.2f} x in CPU "
+            f"time (target <= {BOUND_TARGET}: {yes(t['met']['bound'])})",
+        ]
+        vs = t["vs_fastest_peer"]
+        if vs is None:
+            parts.append("no peer timings")
+        else:
+            rounds = ", ".join(f"{x:.3f}" for x in vs["wall"])
+            faster = sum(x <= 1.0 for x in vs["wall"])
+            parts.append(
+                f"vs the fastest peer ({', '.join(sorted(set(vs['peer'])))}): median "
+                f"{vs['wall_median']:.3f} x wall time (rounds {rounds}; ours faster in {faster} "
+                f"of {len(vs['wall'])}), {vs['cpu_median']:.3f} x CPU time "
+                f"(target <= {PEER_TARGET:.1f}: {yes(t['met']['peer'])})"
+            )
+        lines.append(f"- `{method}`: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
 def paper_table() -> str:
     lines = [
         "| method (paper, A100-80GB) | loss+grad memory (MB) | loss+grad time (ms) |",
@@ -111,10 +172,14 @@ def build_report(params: dict, readme: str | Path) -> dict:
     }
     agree["within_tolerance"] = max(agree.values()) < AGREEMENT_TOL
     plot_curves(results, results / "loss_curves.png")
-    atomic_write_json(results / "report.json", {"agreement": agree, "runs": m})
 
     bench_dir = Path(params["bench"]["out"])
     bench_md = (bench_dir / "results.md").read_text(encoding="utf-8").strip()
+    bench = json.loads((bench_dir / "results.json").read_text(encoding="utf-8"))
+    targets = bench_targets(bench)
+    atomic_write_json(
+        results / "report.json", {"agreement": agree, "runs": m, "bench_targets": targets}
+    )
     readme_dir = Path(readme).resolve().parent
     plot_link = Path(os.path.relpath((results / "loss_curves.png").resolve(), readme_dir))
     bench_plot = Path(os.path.relpath((bench_dir / "memory_time_vs_v.png").resolve(), readme_dir))
@@ -127,6 +192,7 @@ def build_report(params: dict, readme: str | Path) -> dict:
             f"![loss curves]({plot_link.as_posix()})",
             "### Loss + gradient benchmark (ours, this machine)",
             bench_md,
+            targets_text(targets, bench["meta"]["v"]),
             f"![memory and time vs V]({bench_plot.as_posix()})",
             "### Paper Table 1 (theirs: Wijmans et al. 2024, A100-SXM4-80GB, N=8192, "
             "V=256000, D=2304, Gemma 2 2B; not measured here)",

@@ -85,7 +85,8 @@ def test_module_rejects_unknown_impl():
 
 
 def test_bench_command_from_params():
-    cmd = bench_command({"out": "o", "n": 8, "v": 16, "d": 4, "repeats": 2, "sweep": [16, 32]})
+    cfg = {"out": "o", "n": 8, "v": 16, "d": 4, "repeats": 2, "sweep": [16, 32]}
+    cmd = bench_command(cfg)
     assert cmd[1:] == ["-m", "kernels.cce.benchmark", "--out", "o", "--n", "8", "--v", "16"] + [
         "--d",
         "4",
@@ -94,6 +95,9 @@ def test_bench_command_from_params():
         "--sweep",
         "16,32",
     ]
+    cmd = bench_command(cfg | {"rounds": 3, "methods": ["cce_chunked", "peer_torch_compile"]})
+    assert cmd[cmd.index("--rounds") + 1] == "3"
+    assert cmd[-2:] == ["--methods", "cce_chunked,peer_torch_compile"]
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "params-gpu.yaml"])
@@ -126,6 +130,16 @@ def test_report_table_agreement_and_readme(tmp_path):
     _write_run(results, "cce", 4.1)  # 2.5% apart: must be flagged
     bench.mkdir()
     (bench / "results.md").write_text("| method | MB |\n|---|---|\n| cce | 1 |\n")
+    rounds = {"cce_chunked": (4.0, 3.9, 4.2), "peer_torch_compile": (3.8, 4.0, 4.0)}
+    rows = []
+    for method, walls in rounds.items():
+        row = {"method": method, "n": 8, "v": 16, "d": 4, "fwd_bwd_s": sorted(walls)[1]}
+        row |= {"fwd_bwd_cpu_s": 2 * row["fwd_bwd_s"], "time_vs_bound": 1.18}
+        row |= {"cpu_time_vs_bound": 1.19, "mem_vs_grad_buffers": 1.24}
+        row["rounds"] = [{"fwd_bwd_s": w, "fwd_bwd_cpu_s": 2 * w} for w in walls]
+        rows.append(row)
+    meta = {"v": 16}
+    (bench / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nfooter\n")
     params = {"paths": {"results": str(results)}, "bench": {"out": str(bench)}}
@@ -138,5 +152,17 @@ def test_report_table_agreement_and_readme(tmp_path):
     assert text.startswith("intro\n") and text.endswith("footer\n") and "old" not in text
     assert "| cce | 4.1000 | 60.34 |" in text and "DO NOT agree" in text
     assert "28000" in text and "theirs" in text  # paper Table 1, labelled
+    # targets: memory 1.24 <= 1.25 and bound 1.19 <= 1.3 met; peer: median of 4.0/3.8, 3.9/4.0
+    # and 4.2/4.0 = 1.05 > 1 -> not met, ours faster in one round of three
+    assert "memory 1.24 x the gradient buffers (target <= 1.25: met)" in text
+    assert "(target <= 1.3: met)" in text
+    assert "median 1.050 x wall time" in text and "faster in 1 of 3" in text
+    assert "(target <= 1.0: NOT met)" in text
+    report = json.loads((results / "report.json").read_text())
+    assert report["bench_targets"]["cce_chunked"]["met"] == {
+        "memory": True,
+        "bound": True,
+        "peer": False,
+    }
     assert (results / "loss_curves.png").stat().st_size > 1000
     assert relative_diff(1.0, 2.0) == 0.5
