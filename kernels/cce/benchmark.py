@@ -253,6 +253,7 @@ def _plot(rows: list[dict], path: Path, cpu_time: bool) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)  # redrawn after every run
     atomic_write_bytes(path, buf.getvalue())
 
 
