@@ -27,7 +27,7 @@ import gc
 import io
 import json
 import os
-import subprocess
+import statistics
 import sys
 import threading
 import time
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from core.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from core.utils.subprocess_json import run_json
 
 CPU_METHODS = [
     "cce_chunked",
@@ -177,11 +178,7 @@ def sgemm_rate(n: int, v: int, d: int, device: str) -> tuple[float, float]:
 def _spawn(method: str, n: int, v: int, d: int, repeats: int, device: str) -> dict:
     cmd = [sys.executable, "-m", "kernels.cce.benchmark", "--worker", method, "--n", str(n),
            "--v", str(v), "--d", str(d), "--repeats", str(repeats), "--device", device]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"method": method, "n": n, "v": v, "d": d, "error": err[:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json(cmd, {"method": method, "n": n, "v": v, "d": d})
 
 
 def _available(method: str, device: str) -> str | None:
@@ -358,8 +355,7 @@ def versus_fastest_peer(rows: list[dict], v: int, ours: str = "cce_chunked") -> 
             if key == "wall":
                 out["peer"].append(best)
     for key in ("wall", "cpu"):
-        xs = sorted(out[key])
-        out[f"{key}_median"] = (xs[(n - 1) // 2] + xs[n // 2]) / 2
+        out[f"{key}_median"] = statistics.median(out[key])
     return out
 
 

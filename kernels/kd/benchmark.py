@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from core.utils.subprocess_json import run_json
 
 
 def _rss_kib(field: str) -> int:
@@ -109,11 +110,7 @@ def _run_method(args: argparse.Namespace, divergence: str, method: str) -> dict:
            "--device", args.device]  # fmt: skip
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"divergence": divergence, "method": method, "error": err[:300]}
-    return {"divergence": divergence, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return run_json(cmd, {"divergence": divergence, "method": method})
 
 
 def markdown(rows: list[dict], config: dict, grad_mb: float) -> str:
