@@ -6,7 +6,7 @@ from core.utils.subprocess_json import run_json
 
 
 def test_last_stdout_line_is_merged_over_the_context():
-    code = "print('warming up'); print('{\"t\": 1.5, \"m\": \"x\"}')"
+    code = 'print(\'warming up\'); print(\'{"t": 1.5, "m": "x"}\')'
     out = run_json([sys.executable, "-c", code], {"m": "ctx", "v": 3})
     assert out == {"m": "x", "v": 3, "t": 1.5}
 
