@@ -225,7 +225,7 @@ SPECS: dict[str, tuple[Spec, bool, int]] = {
     "total_variation": (_total_variation, True, 6),
     "skew_kl": (_skew_kl, False, 4),
     "skew_reverse_kl": (_skew_reverse_kl, False, 4),
-    "akl": (_akl, False, 4),
+    "akl": (_akl, False, 5),  # s, t, q, p and the head search's (rows, top-k) temporaries
     "bdkd": (_bdkd, True, 7),
     "binary_kl": (_binary_kl, False, 6),
     "dual_head_binary_kl": (_dual_head_binary_kl, False, 6),
