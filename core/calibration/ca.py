@@ -104,7 +104,7 @@ def correctness_aware_loss(
     return (weight * sq_err).sum() / weight.sum()
 
 
-@CALIBRATORS.register("ca")
+@CALIBRATORS.register(name="ca", paper="Liu et al. 2024, arXiv:2404.13016")
 class CACalibrator(Calibrator):
     """Per-sample temperature from multi-view softmax features, trained with the CA loss.
 

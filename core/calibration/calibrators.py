@@ -98,7 +98,7 @@ class Calibrator(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-@CALIBRATORS.register("temperature")
+@CALIBRATORS.register(name="temperature", paper="Guo et al. 2017, arXiv:1706.04599")
 class TemperatureScaling(Calibrator):
     """logits / T with one scalar T > 0 fitted by NLL with L-BFGS (on logits, not probabilities);
     keeps the argmax, hence accuracy. Guo et al. 2017, "On Calibration of Modern Neural Networks".
@@ -131,7 +131,7 @@ class TemperatureScaling(Calibrator):
         return logits / self.log_temperature.exp().to(logits.dtype)
 
 
-@CALIBRATORS.register("vector")
+@CALIBRATORS.register(name="vector", paper="Guo et al. 2017, arXiv:1706.04599")
 class VectorScaling(Calibrator):
     """logits * w + b with per-class w, b (C,) fitted by NLL (L-BFGS); the bias can change the
     argmax. Guo et al. 2017.
@@ -161,7 +161,9 @@ class VectorScaling(Calibrator):
         return logits * self.weight + self.bias
 
 
-@CALIBRATORS.register("matrix")
+@CALIBRATORS.register(
+    name="matrix", paper="Guo et al. 2017, arXiv:1706.04599; Kull et al. 2019, arXiv:1910.12656"
+)
 class MatrixScaling(Calibrator):
     """logits @ W^T + b with a full (C, C) W, fitted by NLL plus off-diagonal and intercept
     regularisation (ODIR): off_diagonal * mean_{i != j} W_ij^2 + bias * mean b^2.
@@ -208,7 +210,10 @@ def _renormalised_log(probs: Tensor) -> Tensor:
     return probs.clamp_min(_LOG_EPS).log()
 
 
-@CALIBRATORS.register("histogram_binning")
+@CALIBRATORS.register(
+    name="histogram_binning",
+    paper='Zadrozny & Elkan 2001, "Obtaining calibrated probability estimates from decision trees and naive Bayesian classifiers"',
+)
 class HistogramBinning(Calibrator):
     """One-vs-rest histogram binning: p_c -> positive rate of class c in p_c's equal-width bin
     (empty bins keep their midpoint), then renormalised over classes. Returns log-probabilities.
@@ -280,7 +285,10 @@ def _interp(x: Tensor, xk: Tensor, yk: Tensor) -> Tensor:
     return y0 + w * (y1 - y0)
 
 
-@CALIBRATORS.register("isotonic")
+@CALIBRATORS.register(
+    name="isotonic",
+    paper='Zadrozny & Elkan 2002, "Transforming classifier scores into accurate multiclass probability estimates"',
+)
 class IsotonicCalibration(Calibrator):
     """One-vs-rest isotonic regression of 1[y = c] on p_c (interpolated between knots, clipped
     outside), renormalised over classes. Returns log-probabilities.

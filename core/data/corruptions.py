@@ -48,6 +48,7 @@ BENCHMARK = (
     "pixelate",
     "jpeg_compression",
 )
+HENDRYCKS = "Hendrycks & Dietterich 2019, arXiv:1903.12261"  # the paper of every corruption
 HOLDOUT = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -173,21 +174,21 @@ def _per_image(x: np.ndarray, fn: Callable[[Image.Image], Image.Image]) -> np.nd
 # ----------------------------------------------------------------------------- noise
 
 
-@CORRUPTIONS.register("gaussian_noise")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def gaussian_noise(x, severity, rng):
     """Additive N(0, c^2); CIFAR-10-C c = .04 .06 .08 .09 .10 (unchanged)."""
     c = (0.04, 0.06, 0.08, 0.09, 0.10)[severity - 1]
     return x + rng.normal(0.0, c, x.shape)
 
 
-@CORRUPTIONS.register("shot_noise")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def shot_noise(x, severity, rng):
     """Poisson photon noise Poisson(x c) / c; CIFAR-10-C c = 500 250 100 75 50 (unchanged)."""
     c = (500, 250, 100, 75, 50)[severity - 1]
     return rng.poisson(x * c) / c
 
 
-@CORRUPTIONS.register("impulse_noise")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def impulse_noise(x, severity, rng):
     """Salt & pepper on a fraction c of pixels (half each); CIFAR-10-C c = .01 .02 .03 .05 .07."""
     c = (0.01, 0.02, 0.03, 0.05, 0.07)[severity - 1]
@@ -196,7 +197,7 @@ def impulse_noise(x, severity, rng):
     return np.where((u >= c / 2) & (u < c), 1.0, x)
 
 
-@CORRUPTIONS.register("speckle_noise")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def speckle_noise(x, severity, rng):
     """Multiplicative noise x (1 + N(0, c^2)); CIFAR-10-C c = .06 .1 .12 .16 .2 (held out)."""
     c = (0.06, 0.10, 0.12, 0.16, 0.20)[severity - 1]
@@ -206,13 +207,13 @@ def speckle_noise(x, severity, rng):
 # ----------------------------------------------------------------------------- blur
 
 
-@CORRUPTIONS.register("gaussian_blur")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def gaussian_blur(x, severity, rng):
     """Gaussian blur, sigma = .4 .6 .7 .8 1 px (CIFAR-10-C, held out)."""
     return _blur(x, (0.4, 0.6, 0.7, 0.8, 1.0)[severity - 1])
 
 
-@CORRUPTIONS.register("defocus_blur")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def defocus_blur(x, severity, rng):
     """Disk kernel (radius, alias blur); CIFAR-10-C (.3,.4) (.4,.5) (.5,.6) (1,.2) (1.5,.1)."""
     radius, alias = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))[severity - 1]
@@ -222,7 +223,7 @@ def defocus_blur(x, severity, rng):
     return F.conv2d(t, torch.from_numpy(k)[None, None]).squeeze(1).numpy()
 
 
-@CORRUPTIONS.register("glass_blur")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def glass_blur(x, severity, rng):
     """Blur, locally shuffle pixels (max shift d, k passes), blur again.
 
@@ -245,14 +246,14 @@ def glass_blur(x, severity, rng):
     return _blur(x, sigma)
 
 
-@CORRUPTIONS.register("motion_blur")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def motion_blur(x, severity, rng):
     """Motion blur at a random angle in [-45, 45] deg; CIFAR-10-C (radius, sigma) unchanged."""
     radius, sigma = ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3))[severity - 1]
     return _motion(x, radius, sigma, rng.uniform(-45, 45, x.shape[0]))
 
 
-@CORRUPTIONS.register("zoom_blur")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def zoom_blur(x, severity, rng):
     """Mean of the image and centre zooms 1, 1.01, ..., z_max; CIFAR-10-C z_max .05-.25."""
     zmax = (1.06, 1.11, 1.16, 1.21, 1.26)[severity - 1]
@@ -264,7 +265,7 @@ def zoom_blur(x, severity, rng):
 # ----------------------------------------------------------------------------- weather
 
 
-@CORRUPTIONS.register("snow")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def snow(x, severity, rng):
     """Thresholded, zoomed, motion-blurred noise flakes over a brightened image.
 
@@ -287,7 +288,7 @@ def snow(x, severity, rng):
     return x + layer + np.rot90(layer, k=2, axes=(1, 2))
 
 
-@CORRUPTIONS.register("frost")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def frost(x, severity, rng):
     """``c0 x + c1 frost``; CIFAR-10-C (c0, c1) = (1,.2) (1,.3) (.9,.4) (.85,.4) (.75,.45), whose
     severity 4 is milder than 3 on dark 28 px images: we use c1 = .45 and .55 at 4 and 5.
@@ -303,7 +304,7 @@ def frost(x, severity, rng):
     return c0 * x + c1 * tex[:, :h, :w] / tex.max(axis=(1, 2), keepdims=True)
 
 
-@CORRUPTIONS.register("fog")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def fog(x, severity, rng):
     """Add c0 x plasma fractal (decay c1), renormalise; CIFAR-10-C constants unchanged."""
     c0, c1 = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))[severity - 1]
@@ -313,7 +314,7 @@ def fog(x, severity, rng):
     return x * peak / (peak + c0)
 
 
-@CORRUPTIONS.register("brightness")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def brightness(x, severity, rng):
     """Add c to HSV value (= the intensity in grayscale); CIFAR-10-C c = .05 .1 .15 .2 .3."""
     return x + (0.05, 0.1, 0.15, 0.2, 0.3)[severity - 1]
@@ -322,7 +323,7 @@ def brightness(x, severity, rng):
 # ----------------------------------------------------------------------------- digital
 
 
-@CORRUPTIONS.register("contrast")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def contrast(x, severity, rng):
     """Shrink towards the per-image mean by c; CIFAR-10-C c = .75 .5 .4 .3 .15."""
     c = (0.75, 0.5, 0.4, 0.3, 0.15)[severity - 1]
@@ -330,7 +331,7 @@ def contrast(x, severity, rng):
     return (x - mean) * c + mean
 
 
-@CORRUPTIONS.register("saturate")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def saturate(x, severity, rng):
     """Grayscale stand-in for colour saturation (held out): intensity gain c with clipping.
 
@@ -340,7 +341,7 @@ def saturate(x, severity, rng):
     return x * (1.2, 1.4, 1.7, 2.0, 2.5)[severity - 1]
 
 
-@CORRUPTIONS.register("spatter")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def spatter(x, severity, rng):
     """Bright water drops: thresholded blurred noise added to the image (held out).
 
@@ -363,7 +364,7 @@ def spatter(x, severity, rng):
     return x + layer / peak * inten * 0.87
 
 
-@CORRUPTIONS.register("elastic_transform")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def elastic_transform(x, severity, rng):
     """Random affine jitter (3 control points moved by up to ``a`` px) + elastic field.
 
@@ -398,7 +399,7 @@ def elastic_transform(x, severity, rng):
     return out[:, 0].numpy()
 
 
-@CORRUPTIONS.register("pixelate")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def pixelate(x, severity, rng):
     """Box-downsample to c x size and back (PIL BOX); CIFAR-10-C c = .95 .9 .85 .75 .65."""
     c = (0.95, 0.9, 0.85, 0.75, 0.65)[severity - 1]
@@ -409,7 +410,7 @@ def pixelate(x, severity, rng):
     )
 
 
-@CORRUPTIONS.register("jpeg_compression")
+@CORRUPTIONS.register(paper=HENDRYCKS)
 def jpeg_compression(x, severity, rng):
     """JPEG round trip at quality 80 65 58 50 40 (CIFAR-10-C), PIL grayscale encoder."""
     q = (80, 65, 58, 50, 40)[severity - 1]

@@ -31,7 +31,7 @@ def diffusion_eigenvalues(x, sigma: float = 10.0) -> np.ndarray:
     return np.linalg.eigvalsh(s[:, None] * g * s[None, :])[::-1]
 
 
-@ESTIMATORS.register("dse")
+@ESTIMATORS.register(paper="Liao et al. 2023, arXiv:2312.04823")
 def diffusion_spectral_entropy(x, sigma: float = 10.0, t: int = 1) -> float:
     """DSE (nats) of samples x (n, d): drop P's trivial eigenvalue 1, take ``|lam_i|^t``,
     normalise to a distribution alpha_i and return ``-sum alpha_i log alpha_i``. Larger t
@@ -48,7 +48,7 @@ def diffusion_spectral_entropy(x, sigma: float = 10.0, t: int = 1) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-@ESTIMATORS.register("dsmi")
+@ESTIMATORS.register(paper="Liao et al. 2023, arXiv:2312.04823")
 def diffusion_spectral_mi(
     x, labels, sigma: float = 10.0, t: int = 1, repetitions: int = 5, seed: int = 0
 ) -> float:

@@ -15,7 +15,7 @@ from core.entropy._registry import ESTIMATORS
 __all__ = ["plugin_entropy", "shannon_entropy"]
 
 
-@ESTIMATORS.register("shannon")
+@ESTIMATORS.register(paper='Shannon 1948, "A Mathematical Theory of Communication"')
 def shannon_entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Per-row entropy (nats) of ``softmax(logits)``: ``H = -sum_c p_c log p_c``.
 
@@ -35,7 +35,7 @@ def shannon_entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(dim)
 
 
-@ESTIMATORS.register("plugin")
+@ESTIMATORS.register(paper='Miller 1955, "Note on the bias of information estimates"')
 def plugin_entropy(samples, miller_madow: bool = True) -> float:
     """Plug-in (maximum-likelihood) entropy in nats of discrete samples (n,) of any hashable
     values, ``-sum_v p_v log p_v`` with empirical p, plus the Miller-Madow bias correction

@@ -14,7 +14,9 @@ from core.entropy._validate import as_samples, check_k
 __all__ = ["knn_entropy", "ksg_mi"]
 
 
-@ESTIMATORS.register("knn")
+@ESTIMATORS.register(
+    paper="Kozachenko & Leonenko 1987; Kraskov et al. 2004, arXiv:cond-mat/0305641"
+)
 def knn_entropy(x, k: int = 3) -> float:
     """Kozachenko-Leonenko differential entropy (nats) of samples x (n, d) or (n,):
     ``H = psi(n) - psi(k) + log V_d + (d / n) sum_i log eps_i`` with eps_i the Euclidean
@@ -36,7 +38,7 @@ def knn_entropy(x, k: int = 3) -> float:
     return float(digamma(n) - digamma(k) + log_vd + d * np.log(eps).mean())
 
 
-@ESTIMATORS.register("ksg_mi")
+@ESTIMATORS.register(paper="Kraskov, Stoegbauer & Grassberger 2004, arXiv:cond-mat/0305641")
 def ksg_mi(x, y, k: int = 3) -> float:
     """KSG mutual information (nats), algorithm 1: ``I = psi(k) + psi(n) - <psi(n_x + 1) +
     psi(n_y + 1)>`` where eps_i is the max-norm distance to the k-th neighbour in the joint

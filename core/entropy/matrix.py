@@ -35,7 +35,7 @@ def _spectral_renyi(a: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.log(lam.pow(alpha).sum()) / (1 - alpha)
 
 
-@ESTIMATORS.register("renyi_matrix")
+@ESTIMATORS.register(paper="Sanchez Giraldo, Rao & Principe 2015, arXiv:1211.2459")
 def matrix_renyi_entropy(x, alpha: float = 1.01, sigma: float = 1.0) -> torch.Tensor:
     """Matrix-based Renyi alpha-entropy (nats) of samples x (n, d): the Renyi entropy of the
     eigenvalues of the trace-normalised Gaussian Gram matrix; in [0, log n]; alpha = 1 is the
@@ -48,7 +48,7 @@ def matrix_renyi_entropy(x, alpha: float = 1.01, sigma: float = 1.0) -> torch.Te
     return _spectral_renyi(_gram(x, sigma), alpha)
 
 
-@ESTIMATORS.register("renyi_matrix_mi")
+@ESTIMATORS.register(paper="Sanchez Giraldo, Rao & Principe 2015, arXiv:1211.2459")
 def matrix_renyi_mi(
     x, y, alpha: float = 1.01, sigma_x: float = 1.0, sigma_y: float = 1.0
 ) -> torch.Tensor:
@@ -68,7 +68,9 @@ def matrix_renyi_mi(
     return _spectral_renyi(a, alpha) + _spectral_renyi(b, alpha) - joint
 
 
-@ESTIMATORS.register("cs_divergence")
+@ESTIMATORS.register(
+    paper='Jenssen et al. 2006, "The Cauchy-Schwarz divergence and Parzen windowing"'
+)
 def cs_divergence(x, y, sigma: float = 1.0) -> torch.Tensor:
     """Cauchy-Schwarz divergence ``-log((int p q)^2 / (int p^2 int q^2))`` between the Parzen
     (Gaussian, width sigma) densities of samples x (n, d) and y (m, d), in closed form:

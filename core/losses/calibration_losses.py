@@ -54,7 +54,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
 
 
-@LOSSES.register("label_smoothing")
+@LOSSES.register(paper="Szegedy et al. 2016, arXiv:1512.00567")
 def label_smoothing(
     logits: Tensor, targets: Tensor, *, smoothing: float = 0.1, reduction: str = "mean"
 ) -> Tensor:
@@ -75,7 +75,7 @@ def _focal_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return logp, logp.exp()
 
 
-@LOSSES.register("focal")
+@LOSSES.register(paper="Lin et al. 2017, arXiv:1708.02002")
 def focal(
     logits: Tensor, targets: Tensor, *, gamma: float = 3.0, reduction: str = "mean"
 ) -> Tensor:
@@ -87,7 +87,7 @@ def focal(
     return _reduce(-((1 - p) ** gamma) * logp, reduction)
 
 
-@LOSSES.register("focal_flsd53")
+@LOSSES.register(paper="Mukhoti et al. 2020, arXiv:2002.09437")
 def focal_flsd53(
     logits: Tensor,
     targets: Tensor,
@@ -133,7 +133,7 @@ def mixup_batch(
     return lam * inputs + (1 - lam) * inputs[perm], lam * onehot + (1 - lam) * onehot[perm], lam
 
 
-@LOSSES.register("mixup")
+@LOSSES.register(paper="Zhang et al. 2018, arXiv:1710.09412")
 def mixup_cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
     """CE against the soft targets of ``mixup_batch``: -sum_c t_c log p_c, which equals
     lam CE(y_a) + (1 - lam) CE(y_b). logits (N, C), targets (N, C). Zhang et al. 2018.
@@ -142,7 +142,7 @@ def mixup_cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "me
     return _reduce(-(targets * F.log_softmax(logits, dim=1)).sum(dim=1), reduction)
 
 
-@LOSSES.register("mrl")
+@LOSSES.register(paper="Noh et al. 2023, arXiv:2308.11990")
 def mrl(
     logits: Tensor,
     targets: Tensor,
@@ -166,7 +166,7 @@ def mrl(
     return F.cross_entropy(logits, targets) + alpha * ranking
 
 
-@LOSSES.register("mndcg")
+@LOSSES.register(paper="Noh et al. 2023, arXiv:2308.11990")
 def mndcg(
     logits: Tensor,
     targets: Tensor,

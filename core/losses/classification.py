@@ -76,7 +76,7 @@ def _margins(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> torc
     return margin * off + logits - z_y
 
 
-@LOSSES.register("ce")
+@LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
 def ce(logits, targets, *, reduction="mean", ignore_index=-100):
     """Cross-entropy ``-log softmax(z)_y`` (the comp-sum loss at tau = 1): (N, C), (N,).
 
@@ -87,7 +87,7 @@ def ce(logits, targets, *, reduction="mean", ignore_index=-100):
     return F.cross_entropy(logits, targets, reduction=reduction, ignore_index=ignore_index)
 
 
-@LOSSES.register("comp_sum")
+@LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
 def comp_sum(logits, targets, *, tau=1.0, reduction="mean", ignore_index=-100):
     """Comp-sum loss ``Phi^tau(sum_{k != y} exp(z_k - z_y))`` with, for u >= 0,
     ``Phi^1(u) = log(1 + u)`` and ``Phi^tau(u) = ((1 + u)^(1 - tau) - 1) / (1 - tau)``.
@@ -107,7 +107,7 @@ def comp_sum(logits, targets, *, tau=1.0, reduction="mean", ignore_index=-100):
     return _reduce(loss, keep, reduction)
 
 
-@LOSSES.register("gce")
+@LOSSES.register(paper="Zhang & Sabuncu 2018, arXiv:1805.07836")
 def gce(logits, targets, *, q=0.7, reduction="mean", ignore_index=-100):
     """Generalised cross-entropy ``(1 - p_y^q) / q`` (q -> 0: CE, q = 1: MAE), = comp_sum(1 + q).
 
@@ -119,7 +119,7 @@ def gce(logits, targets, *, q=0.7, reduction="mean", ignore_index=-100):
     return comp_sum(logits, targets, tau=1 + q, reduction=reduction, ignore_index=ignore_index)
 
 
-@LOSSES.register("mae")
+@LOSSES.register(paper="Ghosh, Kumar & Sastry 2017, arXiv:1712.09482")
 def mae(logits, targets, *, reduction="mean", ignore_index=-100):
     """Mean absolute error ``1 - p_y`` as comp-sum at tau = 2 (Mao et al., 2023); this is half
     of Ghosh et al.'s ``||e_y - softmax(z)||_1`` (2017, "Robust Loss Functions under Label
@@ -128,7 +128,7 @@ def mae(logits, targets, *, reduction="mean", ignore_index=-100):
     return comp_sum(logits, targets, tau=2.0, reduction=reduction, ignore_index=ignore_index)
 
 
-@LOSSES.register("adv_comp_sum")
+@LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
 def adv_comp_sum(
     logits,
     targets,
@@ -160,7 +160,7 @@ def adv_comp_sum(
     return _reduce(base + nu * smooth, keep, reduction)
 
 
-@LOSSES.register("ldr_kl")
+@LOSSES.register(paper="Zhu, Ying & Yang 2023, arXiv:2112.14869")
 def ldr_kl(logits, targets, *, lam=1.0, margin=0.1, reduction="mean", ignore_index=-100):
     """LDR-KL: ``max_{p in simplex} sum_k p_k a_k - lam KL(p || 1/C)
     = lam * log((1/C) sum_k exp(a_k / lam))`` with ``a_k = margin [k != y] + z_k - z_y``.
@@ -181,7 +181,7 @@ def ldr_kl(logits, targets, *, lam=1.0, margin=0.1, reduction="mean", ignore_ind
     return _reduce(loss, keep, reduction)
 
 
-@LOSSES.register("aldr_kl")
+@LOSSES.register(paper="Zhu, Ying & Yang 2023, arXiv:2112.14869")
 def aldr_kl(
     logits,
     targets,
@@ -222,7 +222,7 @@ def aldr_kl(
     return _reduce(obj.max(dim=1).values, keep, reduction)
 
 
-@LOSSES.register("topk_svm")
+@LOSSES.register(paper="Zhu, Ying & Yang 2023, arXiv:2112.14869")
 def topk_svm(logits, targets, *, k=1, margin=1.0, reduction="mean", ignore_index=-100):
     """Top-k SVM member of the LDR family: ``max_{p in simplex, p_j <= 1/k} sum_j p_j a_j``
     = the mean of the k largest ``a_j = margin [j != y] + z_j - z_y`` (a_y = 0 is among the
@@ -238,7 +238,7 @@ def topk_svm(logits, targets, *, k=1, margin=1.0, reduction="mean", ignore_index
     return _reduce(a.topk(k, dim=1).values.mean(1), keep, reduction)
 
 
-@LOSSES.register("sce")
+@LOSSES.register(paper="Wang et al. 2019, arXiv:1908.06112")
 def sce(
     logits, targets, *, alpha=0.1, beta=1.0, log_zero=-4.0, reduction="mean", ignore_index=-100
 ):
@@ -255,7 +255,7 @@ def sce(
     return _reduce(loss, keep, reduction)
 
 
-@LOSSES.register("spherical_zloss")
+@LOSSES.register(paper="de Brebisson & Vincent 2016, arXiv:1604.08859")
 def spherical_zloss(logits, targets, *, a=0.1, b=10.0, reduction="mean", ignore_index=-100):
     """Z-loss ``(1/a) log(1 + exp(a (b - z_y)))`` on standardised outputs ``z = (o - mu) / sigma``,
     ``mu = mean o``, ``sigma^2 = mean o^2 - mu^2`` (population): shift and scale invariant, a
@@ -275,7 +275,7 @@ def spherical_zloss(logits, targets, *, a=0.1, b=10.0, reduction="mean", ignore_
     return _reduce(F.softplus(a * (b - z_y)) / a, keep, reduction)
 
 
-@LOSSES.register("logz_penalty")
+@LOSSES.register(paper="Chowdhery et al. 2022, arXiv:2204.02311")
 def logz_penalty(logits, targets, *, coef=1e-4, reduction="mean", ignore_index=-100):
     """Log-partition regulariser ``coef * (log sum_k exp z_k)^2`` that keeps the softmax
     normaliser near 1; add it to a main loss. Not the spherical Z-loss above.

@@ -83,7 +83,7 @@ def test_mixup_batch_and_loss_equal_two_term_ce():
     torch.testing.assert_close(soft.sum(1), torch.ones(N, dtype=torch.float64))
     two_term = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
     torch.testing.assert_close(mixup_cross_entropy(logits, soft), two_term)
-    assert LOSSES.get("mixup") is mixup_cross_entropy
+    assert LOSSES.get("mixup_cross_entropy") is mixup_cross_entropy
     # sampled lam lies in (0, 1)
     _, _, sampled = mixup_batch(inputs, y, C, alpha=0.4)
     assert 0 < sampled < 1
@@ -159,14 +159,14 @@ def test_soft_and_mixed_target_shapes_are_checked():
 
 
 @pytest.mark.parametrize(
-    "name", ["label_smoothing", "focal", "focal_flsd53", "mixup", "mrl", "mndcg"]
+    "name", ["label_smoothing", "focal", "focal_flsd53", "mixup_cross_entropy", "mrl", "mndcg"]
 )
 def test_registered_losses_are_differentiable(name):
     logits, y = _batch(7)
     x = logits.clone().requires_grad_()
     soft = 0.5 * F.one_hot(y, C).double() + 0.5 * F.one_hot((y + 2) % C, C).double()
     args = {
-        "mixup": (x, soft),
+        "mixup_cross_entropy": (x, soft),
         "mrl": (x, y, x.flip(0), soft),
         "mndcg": (x, y, torch.stack([x.flip(0), x.roll(1, 0)]), torch.stack([soft, soft.flip(1)])),
     }.get(name, (x, y))

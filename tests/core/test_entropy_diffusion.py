@@ -88,5 +88,5 @@ def test_errors():
 
 
 def test_registered():
-    assert ESTIMATORS.get("dse") is diffusion_spectral_entropy
-    assert ESTIMATORS.get("dsmi") is diffusion_spectral_mi
+    assert ESTIMATORS.get("diffusion_spectral_entropy") is diffusion_spectral_entropy
+    assert ESTIMATORS.get("diffusion_spectral_mi") is diffusion_spectral_mi

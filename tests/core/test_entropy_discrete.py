@@ -50,7 +50,7 @@ def test_shannon_rejects_bad_input():
 
 
 def test_registered():
-    assert ESTIMATORS.get("shannon") is shannon_entropy
+    assert ESTIMATORS.get("shannon_entropy") is shannon_entropy
 
 
 def test_plugin_matches_scipy_and_miller_madow():

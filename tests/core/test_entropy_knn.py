@@ -103,4 +103,4 @@ def test_ksg_invariance_and_errors():
 
 
 def test_registered():
-    assert ESTIMATORS.get("knn") is knn_entropy and ESTIMATORS.get("ksg_mi") is ksg_mi
+    assert ESTIMATORS.get("knn_entropy") is knn_entropy and ESTIMATORS.get("ksg_mi") is ksg_mi

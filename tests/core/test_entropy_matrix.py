@@ -97,8 +97,8 @@ def test_cs_divergence_properties():
 
 def test_registered():
     for name, fn in [
-        ("renyi_matrix", matrix_renyi_entropy),
-        ("renyi_matrix_mi", matrix_renyi_mi),
+        ("matrix_renyi_entropy", matrix_renyi_entropy),
+        ("matrix_renyi_mi", matrix_renyi_mi),
         ("cs_divergence", cs_divergence),
     ]:
         assert ESTIMATORS.get(name) is fn

@@ -60,7 +60,7 @@ def _linear():
 SPECIAL_INPUTS = {
     "adv_comp_sum": _adv,
     "linear_cross_entropy": _linear,
-    "mixup": _soft,
+    "mixup_cross_entropy": _soft,
     "mndcg": _several_mixups,
     "mrl": _mixed,
 }
