@@ -15,7 +15,7 @@ export PYTHONHASHSEED := 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PIP_QUIET := 2>&1 | { grep -v "Location .* is ignored" || true; }
 
-.PHONY: help setup test test-slow lint reproduce bench data clean check-project
+.PHONY: help setup test test-slow lint reproduce bench exp data clean check-project
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -51,6 +51,10 @@ reproduce: check-project setup  ## make reproduce PROJECT=<name>: data, dvc repr
 
 bench: check-project setup  ## make bench PROJECT=<name>: the project's benchmark stage
 	$(VENV)/bin/dvc repro --single-item projects/$(PROJECT)/dvc.yaml:$(PROJECT)-bench --force
+
+exp: check-project setup  ## make exp PROJECT=<p> VARIANT=<v>: projects/<p>/variants/<v>.yaml as a DVC experiment
+	@if [ -z "$(VARIANT)" ]; then echo "error: VARIANT is empty; variants: $$(ls projects/$(PROJECT)/variants 2>/dev/null | sed 's/.yaml//')" >&2; exit 2; fi
+	$(PY) -m core.engine.variants $(PROJECT) $(VARIANT)
 
 data: setup  ## the shared data stages
 	$(VENV)/bin/dvc repro dvc.yaml

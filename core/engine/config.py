@@ -63,6 +63,17 @@ def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return out
 
 
+def _yaml_value(text: str) -> Any:
+    """A ``--set`` value: YAML, with ``3e-4`` read as a float (PyYAML reads it as a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def load_params(
     path: str | os.PathLike,
     *,
@@ -83,7 +94,7 @@ def load_params(
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-            pairs[key] = yaml.safe_load(value)
+            pairs[key] = _yaml_value(value)
         overrides = pairs
     return apply_overrides(params, overrides)
 
