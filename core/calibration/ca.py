@@ -175,7 +175,7 @@ class CACalibrator(Calibrator):
     def fit(self, view_logits: Tensor, labels: Tensor) -> CACalibrator:
         """Train the MLP full-batch with Adam on held-out view logits (V, N, C) and labels (N,)."""
         self._check_views(view_logits)
-        check_fit_inputs(view_logits[0], labels)
+        labels = check_fit_inputs(view_logits[0], labels)
         view_logits = view_logits.detach().float()
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         for _ in range(self.epochs):

@@ -4,6 +4,11 @@
 Each is an ``nn.Module`` whose fitted state lives in parameters/buffers, so it saves in a
 checkpoint; loading a state dict resizes the (shape-free until fitted) tensors. Non-parametric
 calibrators (histogram binning, isotonic) return log-probabilities, which are valid logits.
+
+Conventions (pinned by tests): ``fit`` takes floating (N, C) logits with |z| within the float32
+range and labels of any integer dtype; the output has the dtype of the logits passed in, computed
+in at least float32 (so a probability floor never underflows in fp16). Hyperparameters are checked
+in ``__init__``; bad data raises TypeError/ValueError naming the argument.
 """
 
 from __future__ import annotations
@@ -29,10 +34,19 @@ __all__ = [
 ]
 
 _LOG_EPS = 1e-12  # floor for probabilities turned back into logits
+_F32_MAX = torch.finfo(torch.float32).max
+_RESCALE_ABOVE = 2.0**16  # vector / matrix scaling fit larger logits on z / 2^k (exact rescale)
 
 
-def check_fit_inputs(logits: Tensor, labels: Tensor) -> None:
-    """Validate held-out (N, C) logits and (N,) labels; raise ValueError naming the problem."""
+def check_fit_inputs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Validate held-out (N, C) logits and (N,) labels; return the labels as int64.
+
+    Raises TypeError (not a floating / integer tensor) or ValueError naming the argument.
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating torch.Tensor, got {_type_name(logits)}")
+    if not isinstance(labels, Tensor) or labels.dtype == torch.bool or labels.is_floating_point():
+        raise TypeError(f"labels must be an integer torch.Tensor, got {_type_name(labels)}")
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must be (N, C) with C >= 2, got shape {tuple(logits.shape)}")
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
@@ -40,14 +54,51 @@ def check_fit_inputs(logits: Tensor, labels: Tensor) -> None:
             f"labels must be (N,) with N = len(logits) = {logits.shape[0]}, "
             f"got shape {tuple(labels.shape)}"
         )
+    if logits.shape[0] < 2:
+        raise ValueError(f"logits: need at least 2 samples to fit, got N = {logits.shape[0]}")
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or inf")
-    if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= logits.shape[1]:
+    labels = labels.long()
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise ValueError(f"labels must be integer class indices in [0, {logits.shape[1]})")
     if labels.unique().numel() < 2:
         raise ValueError(
             f"need labels of at least 2 classes to fit, got only {labels.unique().tolist()}"
         )
+    return labels
+
+
+def _type_name(x: object) -> str:
+    return f"{type(x).__name__} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _work_dtype(logits: Tensor) -> torch.dtype:
+    """At least float32: fp16 / bf16 logits are computed in float32 and cast back."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _check_float32_range(logits: Tensor) -> None:
+    """The scaling calibrators keep float32 parameters: |z| must be a float32 number."""
+    if logits.abs().max() > _F32_MAX:
+        raise ValueError(f"logits: |z| must be <= {_F32_MAX:.3g} (float32 range) to fit")
+
+
+def _fit_scale(logits: Tensor) -> float:
+    """1, or for |z| > 2^16 the power of two 2^k >= max|z|: fitting on z / 2^k keeps the
+    L-BFGS steps finite (at |z| ~ 1e20 they overflow to NaN) and rescales exactly."""
+    top = float(logits.abs().max())
+    return 1.0 if top <= _RESCALE_ABOVE else 2.0 ** np.ceil(np.log2(top))
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_nonneg(name: str, value: object) -> None:
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not ok or not 0 <= float(value) < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _fit_lbfgs(params: list[Tensor], objective, max_iter: int = 200) -> None:
@@ -106,6 +157,7 @@ class TemperatureScaling(Calibrator):
 
     def __init__(self, max_iter: int = 200) -> None:
         super().__init__()
+        _check_int("max_iter", max_iter, 1)
         self.max_iter = max_iter
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
@@ -115,7 +167,8 @@ class TemperatureScaling(Calibrator):
 
     def fit(self, logits: Tensor, labels: Tensor) -> TemperatureScaling:
         """Fit T on held-out logits (N, C) and labels (N,)."""
-        check_fit_inputs(logits, labels)
+        labels = check_fit_inputs(logits, labels)
+        _check_float32_range(logits)
         logits = logits.detach().double()
         with torch.no_grad():
             self.log_temperature.zero_()
@@ -139,26 +192,32 @@ class VectorScaling(Calibrator):
 
     def __init__(self, max_iter: int = 200) -> None:
         super().__init__()
+        _check_int("max_iter", max_iter, 1)
         self.max_iter = max_iter
         self.weight = nn.Parameter(torch.empty(0))
         self.bias = nn.Parameter(torch.empty(0))
 
     def fit(self, logits: Tensor, labels: Tensor) -> VectorScaling:
         """Fit w, b on held-out logits (N, C) and labels (N,)."""
-        check_fit_inputs(logits, labels)
-        c = logits.shape[1]
+        labels = check_fit_inputs(logits, labels)
+        _check_float32_range(logits)
+        c, scale = logits.shape[1], _fit_scale(logits)
         self.weight.data = torch.ones(c, device=logits.device)
         self.bias.data = torch.zeros(c, device=logits.device)
-        logits = logits.detach().float()
+        logits = (
+            (logits.detach().double() / scale).float() if scale != 1 else logits.detach().float()
+        )
         _fit_lbfgs(
             [self.weight, self.bias], lambda: F.cross_entropy(self(logits), labels), self.max_iter
         )
+        self.weight.data /= scale  # (z / s) w = z (w / s)
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
         """logits (N, C) -> logits * w + b."""
         self._check_fitted(self.weight, logits)
-        return logits * self.weight + self.bias
+        z = logits.to(_work_dtype(logits))
+        return (z * self.weight.to(z.dtype) + self.bias.to(z.dtype)).to(logits.dtype)
 
 
 @CALIBRATORS.register(
@@ -172,21 +231,28 @@ class MatrixScaling(Calibrator):
 
     def __init__(self, off_diagonal: float = 1e-2, bias: float = 1e-2, max_iter: int = 300) -> None:
         super().__init__()
+        _check_nonneg("off_diagonal", off_diagonal)
+        _check_nonneg("bias", bias)
+        _check_int("max_iter", max_iter, 1)
         self.off_diagonal, self.bias_reg, self.max_iter = off_diagonal, bias, max_iter
         self.weight = nn.Parameter(torch.empty(0, 0))
         self.bias = nn.Parameter(torch.empty(0))
 
     def fit(self, logits: Tensor, labels: Tensor) -> MatrixScaling:
         """Fit W, b on held-out logits (N, C) and labels (N,)."""
-        check_fit_inputs(logits, labels)
-        c = logits.shape[1]
+        labels = check_fit_inputs(logits, labels)
+        _check_float32_range(logits)
+        c, scale = logits.shape[1], _fit_scale(logits)
         self.weight.data = torch.eye(c, device=logits.device)
         self.bias.data = torch.zeros(c, device=logits.device)
-        logits = logits.detach().float()
+        logits = (
+            (logits.detach().double() / scale).float() if scale != 1 else logits.detach().float()
+        )
         off = ~torch.eye(c, dtype=torch.bool, device=logits.device)
+        off_diagonal = self.off_diagonal / scale**2  # the penalty on W = W_fit / scale
 
         def objective() -> Tensor:
-            penalty = self.off_diagonal * self.weight[off].square().mean()
+            penalty = off_diagonal * self.weight[off].square().mean()
             return (
                 F.cross_entropy(self(logits), labels)
                 + penalty
@@ -194,12 +260,14 @@ class MatrixScaling(Calibrator):
             )
 
         _fit_lbfgs([self.weight, self.bias], objective, self.max_iter)
+        self.weight.data /= scale  # (z / s) W^T = z (W / s)^T
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
         """logits (N, C) -> logits @ W^T + b."""
         self._check_fitted(self.bias, logits)
-        return logits @ self.weight.T + self.bias
+        z = logits.to(_work_dtype(logits))
+        return (z @ self.weight.T.to(z.dtype) + self.bias.to(z.dtype)).to(logits.dtype)
 
 
 def _renormalised_log(probs: Tensor) -> Tensor:
@@ -222,6 +290,7 @@ class HistogramBinning(Calibrator):
 
     def __init__(self, n_bins: int = 15) -> None:
         super().__init__()
+        _check_int("n_bins", n_bins, 1)
         self.n_bins = n_bins
         self.register_buffer("bin_values", torch.empty(0, n_bins))  # (C, B)
 
@@ -232,7 +301,7 @@ class HistogramBinning(Calibrator):
 
     def fit(self, logits: Tensor, labels: Tensor) -> HistogramBinning:
         """Fit per-class bin frequencies on held-out logits (N, C) and labels (N,)."""
-        check_fit_inputs(logits, labels)
+        labels = check_fit_inputs(logits, labels)
         probs = logits.detach().double().cpu().softmax(dim=1)
         labels = labels.cpu()
         n, c = probs.shape
@@ -248,11 +317,12 @@ class HistogramBinning(Calibrator):
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
-        """logits (N, C) -> log of the renormalised per-class bin frequencies."""
+        """logits (N, C) -> log of the renormalised per-class bin frequencies (floored at 1e-12
+        in at least float32, then cast back: in fp16 the floor would underflow to -inf)."""
         self._check_fitted(self.bin_values, logits)
-        probs = logits.softmax(dim=1)
+        probs = logits.to(_work_dtype(logits)).softmax(dim=1)
         scores = self.bin_values.to(probs.dtype).gather(1, self._bin_index(probs).T).T  # (N, C)
-        return _renormalised_log(scores)
+        return _renormalised_log(scores).to(logits.dtype)
 
 
 def _isotonic_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +373,7 @@ class IsotonicCalibration(Calibrator):
 
     def fit(self, logits: Tensor, labels: Tensor) -> IsotonicCalibration:
         """Fit one isotonic map per class on held-out logits (N, C) and labels (N,)."""
-        check_fit_inputs(logits, labels)
+        labels = check_fit_inputs(logits, labels)
         probs = logits.detach().double().softmax(dim=1).cpu().numpy()
         onehot = F.one_hot(labels, probs.shape[1]).double().cpu().numpy()
         knots = [_isotonic_fit(probs[:, c], onehot[:, c]) for c in range(probs.shape[1])]

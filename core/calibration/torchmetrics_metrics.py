@@ -1,5 +1,9 @@
 """torchmetrics ``Metric`` wrappers of the calibration metrics: accumulate across batches and
 processes (states are concatenated on sync), then compute the plain function on everything seen.
+
+Every class validates each batch in ``update`` (as the functions do), returns float32 from
+``compute`` (the torchmetrics convention) and raises ValueError from ``compute`` before any
+``update``: a metric of no samples is undefined, never NaN.
 """
 
 from __future__ import annotations
@@ -42,13 +46,16 @@ class _ProbsLabelsMetric(Metric):
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
         """Add a batch: probs (B, C) softmax outputs, labels (B,) class indices."""
-        F._check_probs_labels(probs, labels)
+        _, labels = F._as_probs_labels(probs, labels)
         self.probs.append(probs.detach())
         self.labels.append(labels.detach())
 
     def compute(self) -> Tensor:
         """The metric on every sample seen since the last reset (all processes after sync)."""
-        return type(self).fn(dim_zero_cat(self.probs), dim_zero_cat(self.labels), **self.fn_kwargs)
+        if isinstance(self.probs, list) and not self.probs:
+            raise _no_samples(self)
+        probs, labels = dim_zero_cat(self.probs), dim_zero_cat(self.labels)
+        return type(self).fn(probs, labels, **self.fn_kwargs).float()
 
 
 class ExpectedCalibrationError(_ProbsLabelsMetric):
@@ -106,7 +113,7 @@ class DebiasedL2CalibrationError(_ProbsLabelsMetric):
 
 
 class _SumMetric(Metric):
-    """Mean of a per-sample score: keeps a running sum and count (no per-sample storage)."""
+    """Mean of a per-sample score: keeps a float64 running sum and count (no per-sample storage)."""
 
     is_differentiable = False
     higher_is_better = False
@@ -119,28 +126,41 @@ class _SumMetric(Metric):
         )
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def _batch_mean(self, probs: Tensor, labels: Tensor) -> Tensor:
+    def _rows(self, probs: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
         """Add a batch: probs (B, C) softmax outputs, labels (B,) class indices."""
-        self.total += self._batch_mean(probs.detach(), labels).double() * labels.shape[0]
+        probs, labels = F._as_probs_labels(probs.detach(), labels)
+        self.total += self._rows(probs, labels).sum()
         self.count += labels.shape[0]
 
     def compute(self) -> Tensor:
         """Mean over every sample seen since the last reset."""
+        if self.count == 0:
+            raise _no_samples(self)
         return (self.total / self.count).float()
+
+
+def _no_samples(metric: Metric) -> ValueError:
+    name = type(metric).__name__
+    return ValueError(f"{name}.compute(): no samples seen; call update(probs, labels) first")
 
 
 class BrierScore(_SumMetric):
     """Multi-class Brier score over all batches; Brier 1950."""
 
-    def _batch_mean(self, probs: Tensor, labels: Tensor) -> Tensor:
-        return F.brier_score(probs, labels)
+    def _rows(self, probs: Tensor, labels: Tensor) -> Tensor:
+        return F._brier_rows(probs, labels)
 
 
 class NegativeLogLikelihood(_SumMetric):
-    """Mean NLL over all batches (probabilities clamped at 1e-12)."""
+    """Mean NLL over all batches (probabilities clamped at ``eps``, default 1e-12)."""
 
-    def _batch_mean(self, probs: Tensor, labels: Tensor) -> Tensor:
-        return F.negative_log_likelihood(probs, labels)
+    def __init__(self, eps: float = 1e-12) -> None:
+        super().__init__()
+        F._nll_rows(torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long), eps)
+        self.eps = eps
+
+    def _rows(self, probs: Tensor, labels: Tensor) -> Tensor:
+        return F._nll_rows(probs, labels, self.eps)

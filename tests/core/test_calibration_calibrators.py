@@ -185,3 +185,91 @@ def test_registry_names():
     assert CALIBRATORS.names() == [
         "ca", "histogram_binning", "isotonic", "matrix", "temperature", "vector",
     ]  # fmt: skip
+
+
+# ---- issue 15: extreme logits, half precision, label dtypes, hyperparameters ----
+
+FITTERS = ["temperature", "vector", "matrix", "histogram_binning", "isotonic"]
+
+
+@pytest.mark.parametrize("name", ["vector", "matrix"])
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e36])
+def test_scaling_fits_are_finite_and_scale_equivariant_at_huge_logits(name, scale):
+    logits, labels = FIT[0][:600], FIT[1][:600]
+    kwargs = {"off_diagonal": 0.0, "bias": 0.0} if name == "matrix" else {}
+    small = CALIBRATORS.build(name, **kwargs).fit(logits, labels)
+    huge = CALIBRATORS.build(name, **kwargs).fit(logits * scale, labels)  # NaN parameters before
+    assert all(torch.isfinite(p).all() for p in huge.parameters())
+    p_small = small.predict_proba(TEST[0]).detach()
+    p_huge = huge.predict_proba(TEST[0].double() * scale).detach()
+    torch.testing.assert_close(p_huge.float(), p_small, atol=1e-2, rtol=0)  # L-BFGS tolerance
+
+
+def test_matrix_scaling_with_default_penalty_is_finite_at_huge_logits():
+    logits, labels = FIT[0][:600], FIT[1][:600]
+    ms = MatrixScaling().fit(logits * 1e30, labels)
+    assert torch.isfinite(ms.weight).all() and torch.isfinite(ms.bias).all()
+    nll = F.cross_entropy(ms(logits.double() * 1e30), labels)
+    assert nll < F.cross_entropy(logits / 2.5, labels) + 0.05  # near the true-temperature NLL
+
+
+def test_logits_beyond_float32_range_are_refused_by_name():
+    logits = FIT[0][:100].double() * 1e300
+    for name in ("temperature", "vector", "matrix"):
+        with pytest.raises(ValueError, match=r"logits: \|z\| must be"):
+            CALIBRATORS.build(name).fit(logits, FIT[1][:100])
+
+
+def test_histogram_binning_on_fp16_logits_is_finite_and_matches_float32():
+    hb = HistogramBinning().fit(FIT[0], FIT[1])
+    half = TEST[0].half()
+    out = hb(half)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()  # was -inf (1e-12 floor)
+    torch.testing.assert_close(out.float(), hb(half.float()), atol=2e-2, rtol=1e-3)
+    iso = IsotonicCalibration().fit(FIT[0], FIT[1])
+    assert torch.isfinite(iso(half)).all()
+
+
+@pytest.mark.parametrize("name", FITTERS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_any_integer_label_dtype_fits_like_int64(name, dtype):
+    logits, labels = FIT[0][:300], FIT[1][:300]
+    ref = CALIBRATORS.build(name).fit(logits, labels)(TEST[0][:50])
+    out = CALIBRATORS.build(name).fit(logits, labels.to(dtype))(TEST[0][:50])
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("name", FITTERS)
+@pytest.mark.parametrize(
+    ("logits", "labels", "error", "match"),
+    [
+        (torch.zeros(0, C), torch.zeros(0, dtype=torch.long), ValueError, "at least 2 samples"),
+        (torch.zeros(1, C), torch.zeros(1, dtype=torch.long), ValueError, "at least 2 samples"),
+        (np.zeros((4, C)), torch.arange(4) % C, TypeError, "logits must be a floating"),
+        (torch.zeros(4, C, dtype=torch.long), torch.arange(4), TypeError, "logits"),
+        (torch.randn(4, C), torch.arange(4.0), TypeError, "labels must be an integer"),
+        (torch.randn(4, C), torch.arange(4) % 2 == 0, TypeError, "labels must be an integer"),
+    ],
+)
+def test_degenerate_fit_input_is_refused_by_name(name, logits, labels, error, match):
+    with pytest.raises(error, match=match):
+        CALIBRATORS.build(name).fit(logits, labels)
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: HistogramBinning(n_bins=0), "n_bins must be an integer >= 1"),
+        (lambda: HistogramBinning(n_bins=-3), "n_bins must be an integer >= 1"),
+        (lambda: HistogramBinning(n_bins=2.5), "n_bins must be an integer >= 1"),
+        (lambda: MatrixScaling(off_diagonal=-1e-2), "off_diagonal must be a finite number >= 0"),
+        (lambda: MatrixScaling(off_diagonal=float("nan")), "off_diagonal"),
+        (lambda: MatrixScaling(bias=float("inf")), "bias must be a finite number >= 0"),
+        (lambda: MatrixScaling(max_iter=0), "max_iter must be an integer >= 1"),
+        (lambda: VectorScaling(max_iter=0), "max_iter"),
+        (lambda: TemperatureScaling(max_iter=True), "max_iter"),
+    ],
+)
+def test_hyperparameters_are_validated_at_construction(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()

@@ -145,29 +145,46 @@ def test_adaptive_equals_netcal_equal_mass_bins(n_bins):
     assert count.tolist() == [40] * n_bins
 
 
+def _kumar_debiased_l2(conf, hits, idx):
+    """Float64 loop over bins as in Kumar et al.'s uncertainty-calibration (unbiased_square_ce):
+    weight n_b / N, bins with fewer than 2 samples contribute 0; sqrt(max(., 0))."""
+    total = 0.0
+    for b in np.unique(idx):
+        m = idx == b
+        a, c, n = hits[m].mean(), conf[m].mean(), m.sum()
+        if n >= 2:
+            total += n / len(conf) * ((a - c) ** 2 - a * (1 - a) / (n - 1))
+    return max(total, 0) ** 0.5
+
+
 @pytest.mark.parametrize("binning", ["equal_width", "equal_mass"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_debiased_l2_equals_torchmetrics_debias_and_float64_loop(case, binning):
+def test_debiased_l2_equals_kumar_float64_loop_and_torchmetrics(case, binning):
     probs, labels = CASES[case]
     conf, pred = probs.max(1)
     hits = pred.eq(labels).double()
     ours = float(M.debiased_l2_calibration_error(probs, labels, binning=binning))
-    # independent float64 loop over bins (Kumar et al. 2019, eq. for the debiased estimator)
     if binning == "equal_width":
         idx = np.minimum((conf.numpy() * 15).astype(int), 15)
         idx[conf.numpy() == 1.0] = 15
-        ref_tm = float(_ce_compute(conf, hits, 15, norm="l2", debias=True))
-        assert ours == pytest.approx(ref_tm, abs=1e-6)
+        if np.bincount(idx)[np.bincount(idx) > 0].min() >= 2:  # torchmetrics keeps 1-sample bins
+            ref_tm = float(_ce_compute(conf, hits, 15, norm="l2", debias=True))
+            assert ours == pytest.approx(ref_tm, abs=1e-6)
     else:
         idx = np.empty(len(conf), int)
         for b, chunk in enumerate(np.array_split(np.argsort(conf.numpy(), kind="stable"), 15)):
             idx[chunk] = b
-    total = 0.0
-    for b in np.unique(idx):
-        m = idx == b
-        a, c, n = hits.numpy()[m].mean(), conf.numpy()[m].mean(), m.sum()
-        total += n / len(conf) * ((a - c) ** 2 - (a * (1 - a) / (n - 1) if n > 1 else 0))
-    assert ours == pytest.approx(max(total, 0) ** 0.5, abs=1e-9)
+    assert ours == pytest.approx(_kumar_debiased_l2(conf.numpy(), hits.numpy(), idx), abs=1e-9)
+
+
+def test_debiased_l2_drops_bins_with_one_sample():
+    # issue 15 item 17: four hits at 0.95 and one miss alone in its bin at 0.55
+    probs = torch.tensor([[0.95, 0.05]] * 4 + [[0.55, 0.45]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    ours = float(M.debiased_l2_calibration_error(probs, labels))
+    assert ours == pytest.approx((0.8 * 0.05**2) ** 0.5, abs=1e-12)  # the lone bin adds nothing
+    alone = float(M.debiased_l2_calibration_error(probs[4:], labels[4:]))
+    assert alone == 0.0  # (the old rule: the lone sample's squared gap, 0.55)
 
 
 def test_debiased_is_below_plugin_l2_and_near_zero_for_calibrated_data():
@@ -260,3 +277,102 @@ def test_reliability_diagram_draws_bins_and_histogram(tmp_path):
     assert heights[-1] * len(labels) >= n_one > 0
     fig.savefig(tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").stat().st_size > 0
+
+
+# ---- issue 15: half precision, empty metrics, label dtypes (each failed before the fix) ----
+
+ALL_FNS = [
+    M.expected_calibration_error,
+    M.maximum_calibration_error,
+    M.rms_calibration_error,
+    M.adaptive_calibration_error,
+    M.classwise_calibration_error,
+    M.debiased_l2_calibration_error,
+    M.brier_score,
+    M.negative_log_likelihood,
+]
+
+
+def test_bf16_counts_beyond_256_are_exact():
+    # bf16 holds integers exactly only to 256: the bin counts must not be accumulated in it
+    p = torch.tensor([[0.7, 0.3]]).repeat(1000, 1)
+    labels = torch.arange(1000) % 2
+    ece = M.expected_calibration_error(p.bfloat16(), labels)
+    assert ece.dtype == torch.float32
+    conf = float(torch.tensor(0.7).bfloat16())  # the confidence bf16 can hold: 0.69921875
+    assert float(ece) == pytest.approx(conf - 0.5, abs=1e-7)  # was 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fn", ALL_FNS, ids=lambda f: f.__name__)
+def test_half_inputs_give_the_float64_answer_on_the_same_values(fn, dtype):
+    probs, labels = _data(4096, 10, seed=11, scale=2.0)
+    half = probs.to(dtype)
+    ours = fn(half, labels)
+    assert ours.dtype == torch.float32
+    ref = fn(half.double(), labels)  # float64 maths on exactly the values the half tensor holds
+    assert float(ours) == pytest.approx(float(ref), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("fn", ALL_FNS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int8])
+def test_any_integer_label_dtype_gives_the_int64_answer(fn, dtype):
+    probs, labels = _data(300, 5, seed=12)
+    assert float(fn(probs, labels.to(dtype))) == float(fn(probs, labels))
+
+
+@pytest.mark.parametrize(
+    ("probs", "labels", "error", "match"),
+    [
+        (np.ones((2, 2)) / 2, torch.tensor([0, 1]), TypeError, "probs must be a floating"),
+        (torch.ones(2, 2, dtype=torch.long), torch.tensor([0, 1]), TypeError, "probs"),
+        (torch.ones(2, 2) / 2, torch.tensor([True, False]), TypeError, "labels must be an integer"),
+        (torch.ones(2, 2) / 2, torch.tensor([0.0, 1.0]), TypeError, "labels must be integer"),
+        (torch.ones(2, 0), torch.tensor([0, 1]), ValueError, "probs: need at least one"),
+    ],
+)
+def test_wrong_types_name_the_argument(probs, labels, error, match):
+    for fn in ALL_FNS:
+        with pytest.raises(error, match=match):
+            fn(probs, labels)
+
+
+def test_nll_eps_is_validated():
+    probs, labels = _data(10, 3)
+    for eps in (0.0, 1.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="eps must be in"):
+            M.negative_log_likelihood(probs, labels, eps=eps)
+    with pytest.raises(ValueError, match="eps must be in"):
+        TM.NegativeLogLikelihood(eps=0.0)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")
+@pytest.mark.parametrize(
+    "cls",
+    [
+        TM.ExpectedCalibrationError,
+        TM.ClasswiseCalibrationError,
+        TM.DebiasedL2CalibrationError,
+        TM.BrierScore,
+        TM.NegativeLogLikelihood,
+    ],
+)
+def test_metric_classes_refuse_compute_before_update_and_validate_update(cls):
+    metric = cls()
+    with pytest.raises(ValueError, match=r"no samples seen; call update"):
+        metric.compute()  # Brier / NLL returned NaN, ECE a torchmetrics-internal message
+    with pytest.raises(ValueError, match="labels must be"):
+        metric.update(torch.ones(3, 2) / 2, torch.tensor([0, 2, 1]))
+    probs, labels = _data(50, 4, seed=13, dtype=torch.float32)
+    metric.update(probs.bfloat16(), labels.int())  # half probs and int32 labels accumulate
+    metric.update(probs, labels)
+    assert metric.compute().dtype == torch.float32
+    both = torch.cat([probs.bfloat16().double(), probs.double()])
+    ref = {
+        TM.ExpectedCalibrationError: M.expected_calibration_error,
+        TM.ClasswiseCalibrationError: M.classwise_calibration_error,
+        TM.DebiasedL2CalibrationError: M.debiased_l2_calibration_error,
+        TM.BrierScore: M.brier_score,
+        TM.NegativeLogLikelihood: M.negative_log_likelihood,
+    }[cls](both, torch.cat([labels, labels]))
+    assert float(metric.compute()) == pytest.approx(float(ref), rel=1e-6, abs=1e-7)
