@@ -7,6 +7,7 @@ Each family module registers its functions on import; add one import line per ne
 from core.losses._registry import DIVERGENCES, LOSSES, get_divergence, get_loss
 from core.losses.calibration_losses import *  # noqa: F401,F403
 from core.losses.classification import *  # noqa: F401,F403
+from core.losses.consistency import *  # noqa: F401,F403
 from core.losses.divergences import *  # noqa: F401,F403
 from core.losses.linear_ce import LinearCrossEntropy, linear_cross_entropy
 from core.losses.linear_kd import *  # noqa: F401,F403

@@ -1,31 +1,21 @@
-"""TTA methods on a tiny random ResNet: reset, no mutation, what gets updated, filters, errors."""
+"""Every TTA method: reset, no mutation, what gets updated, errors by name, dtype and device.
 
-import copy
+The update rules are pinned per method in test_tta_<method>.py; source and bn here.
+"""
+
 import math
+import re
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from core.models.resnet import ResNet
 from core.registry import RegistryError
-from projects.tta.methods import (
-    METHODS,
-    build,
-    deyo_weights,
-    eata_select,
-    norm_layers,
-    patch_shuffle,
-    plpd,
-    prototype_contrastive_loss,
-    reliable,
-    symmetric_cross_entropy,
-)
+from projects.tta.methods import METHODS, build, norm_layers
+from tests.projects.tta_helpers import forward, images, params, tiny_model
 
 K = 10
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -62,6 +52,12 @@ def assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_one_module_per_method_with_its_paper():
+    for name in METHODS.names():
+        assert Path(METHODS.location(name).split(":")[0]).stem == name
+        assert name == "source" or re.search(r"20\d\d, arXiv:\d{4}\.\d{5}", METHODS.paper(name))
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_logits_no_mutation_and_bit_exact_reset(name, norm):
@@ -76,7 +72,10 @@ def test_logits_no_mutation_and_bit_exact_reset(name, norm):
     method.reset()
     assert_same_state(state(method), built)
     if name != "rmt":  # rmt's built state is after its warm-up on source data
-        assert_same_state(state(method.model), before)
+        adapted = state(method.model)
+        dropped = set(before) - set(adapted)  # BN running buffers, removed for batch statistics
+        assert all(k.endswith(("running_mean", "running_var")) for k in dropped)
+        assert_same_state(adapted, {k: before[k] for k in adapted})
     # after reset the method replays exactly (optimizer state and RNG restored too)
     method.reset()
     a = method(batch(seed=5))
@@ -101,23 +100,22 @@ def test_tent_updates_only_norm_affine_params():
         method(batch(seed=s))
     norm_params = {f"{n}.{p}" for n, _ in norm_layers(model) for p in ("weight", "bias")}
     after = method.model.state_dict()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, after[k])}
-    assert changed and changed <= norm_params  # running stats (buffers) untouched as well
+    changed = {k for k, v in after.items() if not torch.equal(v, model.state_dict()[k])}
+    assert changed and changed <= norm_params
 
 
-def test_tent_lowers_entropy_and_uses_batch_statistics():
-    model = tiny("bn")
-    x = batch(32)
-    method = build("tent", model, lr=0.01)
-    ents = []
-    for _ in range(8):
-        p = method(x).double().softmax(1)
-        ents.append(-(p * p.log()).sum(1).mean().item())  # float64 reference entropy
-    assert ents[-1] < ents[0]
-    # the bn method equals the source network evaluated with batch statistics
-    ref = copy.deepcopy(model).train()
-    torch.testing.assert_close(build("bn", model)(x), ref(x))
-    torch.testing.assert_close(build("source", model)(x), model.eval()(x))
+def test_source_uses_the_running_statistics_and_bn_the_batch_statistics():
+    model, x = tiny_model().train(), images(12)
+    bn = model[2]
+    p = params(model)
+    running = forward(p, x, running=(bn.running_mean.clone(), bn.running_var.clone()))[1]
+    batch_stats = forward(p, x)[1]
+    assert (running - batch_stats).abs().max() > 0.5
+    torch.testing.assert_close(build("source", model)(x), running, rtol=1e-12, atol=1e-12)
+    method = build("bn", model)
+    torch.testing.assert_close(method(x), batch_stats, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(method.eval()(x), batch_stats, rtol=1e-12, atol=1e-12)
+    assert torch.equal(bn.running_mean, model[2].running_mean)  # caller's buffers untouched
 
 
 def test_inplace_adapts_the_callers_model():
@@ -129,6 +127,8 @@ def test_inplace_adapts_the_callers_model():
 
 
 def test_reliable_and_eata_filters_on_crafted_logits():
+    from projects.tta.methods import eata_select, reliable
+
     confident0 = torch.tensor([10.0] + [0.0] * (K - 1))
     confident1 = torch.tensor([0.0, 10.0] + [0.0] * (K - 2))
     uniform = torch.zeros(K)
@@ -139,100 +139,13 @@ def test_reliable_and_eata_filters_on_crafted_logits():
     assert keep.tolist() == [True, True, False]
     p = logits.softmax(1)
     torch.testing.assert_close(m, p[:2].mean(0))
-    # redundancy: a class-0-heavy running mean filters the confident class-0 sample
     mean = torch.zeros(K)
-    mean[0] = 1.0
+    mean[0] = 1.0  # a class-0-heavy running mean filters the confident class-0 sample
     keep, m2 = eata_select(logits, e0, 0.4, mean)
     assert keep.tolist() == [False, True, False]
     torch.testing.assert_close(m2, 0.9 * mean + 0.1 * p[1])
     keep, m3 = eata_select(uniform[None], e0, 0.4, mean)  # nothing kept: EMA unchanged
     assert not keep.any() and torch.equal(m3, mean)
-
-
-def test_sar_recovery_and_frozen_last_block():
-    model = tiny("gn")
-    method = build("sar", model, e_margin=2.0, exclude=["layer3"], reset_constant=100.0, lr=0.1)
-    built = state(method)
-    method(batch())
-    assert method.recoveries == 1 and method.ema is None
-    assert_same_state(state(method), built)
-    method = build("sar", model, e_margin=2.0, exclude=["layer3"], lr=0.1)
-    for s in range(2):
-        method(batch(seed=s))
-    after = method.model.state_dict()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, after[k])}
-    assert changed and not any(k.startswith("layer3") for k in changed)
-
-
-def test_sar_skips_when_nothing_is_reliable():
-    model = tiny("bn")
-    method = build("sar", model, e_margin=0.0)  # entropy is never < 0
-    method(batch())
-    assert_same_state(state(method.model), state(model))
-
-
-def test_patch_shuffle_permutes_patches():
-    x = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
-    y = patch_shuffle(x, 4, torch.Generator().manual_seed(0))
-    assert not torch.equal(x, y)
-    # each 4x4 patch of y is some 4x4 patch of x (same image)
-    patches = lambda t: t.unfold(2, 4, 4).unfold(3, 4, 4).reshape(2, 16, 16)  # noqa: E731
-    px, py = patches(x), patches(y)
-    for i in range(2):
-        assert sorted(map(tuple, px[i].tolist())) == sorted(map(tuple, py[i].tolist()))
-    torch.testing.assert_close(patch_shuffle(x, 1), x)
-    assert patch_shuffle(torch.rand(3, 1, 18, 18), 4).shape == (3, 1, 18, 18)
-
-
-def test_plpd_and_deyo_weights_closed_form():
-    a = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
-    b = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
-    pa, pb = a.softmax(1), b.softmax(1)
-    expected = torch.stack([pa[0, 0] - pb[0, 0], pa[1, 2] - pb[1, 2]])
-    torch.testing.assert_close(plpd(a, b), expected)
-    ent, score = torch.tensor([0.1, 0.9]), torch.tensor([0.5, -0.2])
-    np.testing.assert_allclose(
-        deyo_weights(ent, score, 0.4).numpy(), np.exp(0.4 - ent.numpy()) + np.exp(score.numpy())
-    )
-
-
-def test_deyo_filters_samples_below_plpd_threshold():
-    model = tiny("bn")
-    method = build("deyo", model, deyo_margin=2.0, plpd_threshold=2.0)  # PLPD <= 1 always
-    method(batch())
-    assert_same_state(state(method.model), state(model))
-
-
-def test_symmetric_cross_entropy_reference():
-    s, t = torch.randn(5, K, dtype=torch.float64), torch.randn(5, K, dtype=torch.float64)
-
-    def ce(p_logits, q_logits):  # CE(p, q) = -sum p log q, in float64
-        return -(F.softmax(p_logits, 1) * F.log_softmax(q_logits, 1)).sum(1)
-
-    torch.testing.assert_close(symmetric_cross_entropy(s, t), 0.5 * ce(t, s) + 0.5 * ce(s, t))
-    torch.testing.assert_close(
-        symmetric_cross_entropy(s, s), -(s.softmax(1) * s.log_softmax(1)).sum(1)
-    )
-
-
-def test_prototype_contrastive_loss_matches_a_loop_reference():
-    views = torch.randn(4, 3, 8, dtype=torch.float64)
-    tau = 0.1
-    z = F.normalize(views, dim=2)
-    total, count = 0.0, 0
-    for i in range(4):
-        for a in range(3):
-            anchor = z[i, a]
-            denom = sum(
-                math.exp(float(anchor @ z[j, b]) / tau)
-                for j in range(4)
-                for b in range(3)
-                if (j, b) != (i, a)
-            )
-            pos = [float(anchor @ z[i, b]) / tau - math.log(denom) for b in range(3) if b != a]
-            total += -sum(pos) / len(pos)
-            count += 1
-    torch.testing.assert_close(prototype_contrastive_loss(views, tau).item(), total / count)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -265,3 +178,93 @@ def test_source_and_rmt_work_without_norm_layers_and_other_errors():
         build("tent", tiny(), optimizer="lbfgs")
     with pytest.raises(ValueError, match="nn.Module"):
         build("tent", lambda x: x)
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_HPARAMS = [  # (method, hparams, exception, message: the name and the allowed range)
+    ("tent", {"lr": NAN}, ValueError, r"lr must be a number in \[0, inf\), got nan"),
+    ("tent", {"lr": INF}, ValueError, r"lr must be a number in \[0, inf\)"),
+    ("tent", {"lr": -1e-3}, ValueError, r"lr must be a number in \[0, inf\)"),
+    ("tent", {"lr": "1e-3"}, TypeError, r"lr must be a number"),
+    ("tent", {"momentum": 1.0}, ValueError, r"momentum must be a number in \[0, 1\)"),
+    ("tent", {"weight_decay": -1.0}, ValueError, r"weight_decay must be a number in \[0, inf\)"),
+    ("tent", {"steps": 0}, ValueError, r"steps must be an integer in \[1, inf\]"),
+    ("tent", {"nesterov": True}, ValueError, r"nesterov=True needs optimizer='sgd'"),
+    ("tent", {"optimizer": "sgd", "momentum": 0.0, "nesterov": True}, ValueError, "momentum > 0"),
+    ("tent", {"nesterov": "yes"}, TypeError, "nesterov must be True or False"),
+    ("sar", {"lr": NAN}, ValueError, r"SAR: lr must be a number in \[0, inf\)"),
+    ("deyo", {"lr": NAN}, ValueError, r"DeYO: lr must be a number in \[0, inf\)"),
+    ("eata", {"e_margin": -0.1}, ValueError, r"e_margin must be a number in \(0, inf\)"),
+    ("eata", {"e_margin": NAN}, ValueError, r"e_margin must be a number in \(0, inf\)"),
+    ("eata", {"e_margin": 0.0}, ValueError, r"e_margin must be a number in \(0, inf\)"),
+    ("eata", {"d_margin": -1.0}, ValueError, r"d_margin must be a number in \(0, inf\]"),
+    ("eata", {"d_margin": NAN}, ValueError, r"d_margin must be a number in \(0, inf\]"),
+    ("eata", {"fisher_alpha": -1.0}, ValueError, r"fisher_alpha must be a number in \[0, inf\)"),
+    ("eata", {"fisher_batch_size": 0}, ValueError, r"fisher_batch_size must be an integer in \[1"),
+    ("eata", {"fisher_batch_size": 2.5}, TypeError, r"fisher_batch_size must be an integer"),
+    ("sar", {"rho": -0.05}, ValueError, r"rho must be a number in \[0, inf\)"),
+    ("sar", {"rho": NAN}, ValueError, r"rho must be a number in \[0, inf\)"),
+    ("sar", {"e_margin": -1.0}, ValueError, r"e_margin must be a number in \(0, inf\)"),
+    ("sar", {"reset_constant": -1.0}, ValueError, r"reset_constant must be a number in \[0, inf\)"),
+    ("sar", {"exclude": "layer3"}, TypeError, "exclude must be a list of name prefixes"),
+    ("deyo", {"patch_grid": 0}, ValueError, r"patch_grid must be an integer in \[1, inf\]"),
+    ("deyo", {"deyo_margin": 0.0}, ValueError, r"deyo_margin must be a number in \(0, inf\)"),
+    ("deyo", {"e_margin": -0.4}, ValueError, r"e_margin must be a number in \[0, inf\)"),
+    (
+        "deyo",
+        {"plpd_threshold": 1.0},
+        ValueError,
+        r"plpd_threshold must be a number in \(-inf, 1\)",
+    ),
+    ("rmt", {"ema": 1.5}, ValueError, r"ema must be a number in \[0, 1\]"),
+    ("rmt", {"ema": NAN}, ValueError, r"ema must be a number in \[0, 1\]"),
+    ("rmt", {"temperature": 0.0}, ValueError, r"temperature must be a number in \(0, inf\)"),
+    ("rmt", {"temperature": -0.1}, ValueError, r"temperature must be a number in \(0, inf\)"),
+    ("rmt", {"projection_dim": 0}, ValueError, r"projection_dim must be an integer in \[1, inf\]"),
+    ("rmt", {"lambda_cont": -1.0}, ValueError, r"lambda_cont must be a number in \[0, inf\)"),
+    ("rmt", {"warmup_steps": -1}, ValueError, r"warmup_steps must be an integer in \[0, inf\]"),
+    ("rmt", {"source_batch_size": 0}, ValueError, r"source_batch_size must be an integer in \[1"),
+    ("rmt", {"lr": NAN}, ValueError, r"RMT: lr must be a number in \[0, inf\)"),
+]
+
+
+@pytest.mark.parametrize(("name", "hp", "exc", "match"), BAD_HPARAMS)
+def test_bad_hyperparameters_are_refused_by_name_and_range(name, hp, exc, match):
+    with pytest.raises(exc, match=match):
+        build(name, tiny("bn"), **{**hparams(name), **hp})
+
+
+def test_bad_data_is_refused_by_name():
+    x, y = batch(20), torch.arange(20) % K
+    with pytest.raises(ValueError, match="source_data labels must be integer"):
+        build("rmt", tiny(), source_data=(x, y.float()))
+    with pytest.raises(ValueError, match="source_data labels must be integer"):
+        build("rmt", tiny(), source_data=(x, y[:5]))
+    with pytest.raises(ValueError, match="every class"):
+        build("rmt", tiny(), source_data=(x, y % 3), warmup_steps=0)
+    with pytest.raises(ValueError, match="fisher_data"):
+        build("eata", tiny(), fisher_data=x[:0])
+    method = build("deyo", tiny(), deyo_margin=2.0, patch_grid=32)
+    with pytest.raises(ValueError, match=r"grid must be an integer in \[1, 16\], got 32"):
+        method(batch())
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_methods_follow_the_model_to_another_dtype(name):
+    """Built in float32, moved with ``.double()``: every tensor a method makes or holds
+    follows (the same mechanism as ``.to("cuda")``)."""
+    method = build(name, tiny("bn"), **hparams(name)).double()
+    out = method(batch().double())
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    method.reset()
+    assert next(method.model.parameters()).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", METHODS.names())
+def test_methods_follow_the_model_to_cuda(name):
+    cpu = build(name, tiny("gn"), **hparams(name)).double()
+    gpu = build(name, tiny("gn"), **hparams(name)).double().cuda()
+    for seed in range(2):
+        x = batch(seed=seed).double()
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-6, atol=1e-8)
