@@ -1,9 +1,10 @@
 """Training-time calibration losses: label smoothing, focal loss (fixed gamma and the FLSD-53
 schedule), mixup (batch mixer + soft-target CE), and RankMixup's MRL and M-NDCG.
 
-Hard-target losses are ``f(logits (N, C), targets (N,), *, reduction="mean", **hp)``; ``mixup``
-takes soft targets (N, C) from ``mixup_batch``; ``mrl`` / ``mndcg`` also take the logits and soft
-targets of the mixed batch(es).
+Hard-target losses are ``f(logits (N, C), targets (N,), *, reduction="mean", **hp)`` with targets
+of any integer dtype; ``mixup_cross_entropy`` takes soft targets (N, C) from ``mixup_batch``;
+``mrl`` / ``mndcg`` also take the logits and soft targets of the mixed batch(es). Every
+hyperparameter is checked on each call (ValueError naming the loss, the argument and its range).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.losses._checks import check_class_targets, check_int, check_number, check_reduction
 from core.losses._registry import LOSSES
 
 __all__ = [
@@ -24,30 +26,29 @@ __all__ = [
     "mrl",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
-
-def _check(logits: Tensor, targets: Tensor, reduction: str = "mean", soft: bool = False) -> None:
-    if logits.ndim != 2 or not logits.is_floating_point():
-        raise ValueError(
-            f"logits must be a floating (N, C) tensor, got shape {tuple(logits.shape)}"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+def _check(
+    fn: str, logits: Tensor, targets: Tensor, reduction: str = "mean", soft: bool = False
+) -> Tensor:
+    """Validate (N, C) logits and targets; return int64 hard targets (or the soft ones)."""
+    check_reduction(fn, reduction)
     if soft:
-        if targets.shape != logits.shape or not targets.is_floating_point():
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim != 2:
+            raise TypeError(f"{fn}: logits must be a floating (N, C) torch.Tensor")
+        if (
+            not isinstance(targets, Tensor)
+            or targets.shape != logits.shape
+            or not targets.is_floating_point()
+        ):
             raise ValueError(
-                f"soft targets must be floating {tuple(logits.shape)} (rows summing to 1), "
-                f"got {tuple(targets.shape)} {targets.dtype}"
+                f"{fn}: soft targets must be floating {tuple(logits.shape)} (rows summing to 1), "
+                f"got {tuple(getattr(targets, 'shape', ()))} {getattr(targets, 'dtype', '')}"
             )
-        return
-    if targets.shape != logits.shape[:1] or targets.is_floating_point():
-        raise ValueError(
-            f"targets must be integer (N,) = ({logits.shape[0]},), got {tuple(targets.shape)} "
-            f"{targets.dtype}"
-        )
+        return targets
+    targets = check_class_targets(fn, logits, targets)
     if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
-        raise ValueError(f"targets must lie in [0, {logits.shape[1]})")
+        raise ValueError(f"{fn}: targets must lie in [0, {logits.shape[1]})")
+    return targets
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -62,17 +63,22 @@ def label_smoothing(
     Szegedy et al. 2016, "Rethinking the Inception Architecture"; Muller et al. 2019,
     "When does label smoothing help?".
     """
-    _check(logits, targets, reduction)
-    if not 0 <= smoothing <= 1:
-        raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+    targets = _check("label_smoothing", logits, targets, reduction)
+    check_number("label_smoothing", "smoothing", smoothing, 0, 1)
     logp = F.log_softmax(logits, dim=1)  # (N, C)
     nll = -logp.gather(1, targets[:, None]).squeeze(1)
     return _reduce((1 - smoothing) * nll - smoothing * logp.mean(dim=1), reduction)
 
 
-def _focal_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def _focal_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p_y, p_y, 1 - p_y floored at the dtype's smallest normal), each (N,).
+
+    The floor changes only 1 - p_y == 0 (p_y rounded to 1): there (1 - p)^gamma with gamma < 1
+    has an infinite derivative, and inf * 0 made the whole batch's gradient NaN.
+    """
     logp = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)  # (N,)
-    return logp, logp.exp()
+    p = logp.exp()
+    return logp, p, (1 - p).clamp_min(torch.finfo(p.dtype).tiny)
 
 
 @LOSSES.register(paper="Lin et al. 2017, arXiv:1708.02002")
@@ -82,9 +88,10 @@ def focal(
     """Focal loss -(1 - p_y)^gamma log p_y. logits (N, C), targets (N,). Lin et al. 2017,
     "Focal Loss for Dense Object Detection"; gamma = 3 as in Mukhoti et al. 2020 (FL-3).
     """
-    _check(logits, targets, reduction)
-    logp, p = _focal_terms(logits, targets)
-    return _reduce(-((1 - p) ** gamma) * logp, reduction)
+    targets = _check("focal", logits, targets, reduction)
+    check_number("focal", "gamma", gamma, 0)
+    logp, _, one_minus_p = _focal_terms(logits, targets)
+    return _reduce(-(one_minus_p**gamma) * logp, reduction)
 
 
 @LOSSES.register(paper="Mukhoti et al. 2020, arXiv:2002.09437")
@@ -100,10 +107,15 @@ def focal_flsd53(
     choice). logits (N, C), targets (N,). Mukhoti et al. 2020, "Calibrating Deep Neural Networks
     using Focal Loss".
     """
-    _check(logits, targets, reduction)
-    logp, p = _focal_terms(logits, targets)
+    targets = _check("focal_flsd53", logits, targets, reduction)
+    check_number("focal_flsd53", "threshold", threshold, 0, 1)
+    if not isinstance(gammas, (tuple, list)) or len(gammas) != 2:
+        raise ValueError(f"focal_flsd53: gammas must be a pair (below, above), got {gammas!r}")
+    for g in gammas:
+        check_number("focal_flsd53", "gammas[i]", g, 0)
+    logp, p, one_minus_p = _focal_terms(logits, targets)
     gamma = torch.where(p.detach() < threshold, gammas[0], gammas[1])
-    return _reduce(-((1 - p) ** gamma) * logp, reduction)
+    return _reduce(-(one_minus_p**gamma) * logp, reduction)
 
 
 def mixup_batch(
@@ -120,12 +132,28 @@ def mixup_batch(
     (N, C), lam); lam ~ Beta(alpha, alpha) unless given. Zhang et al. 2018, "mixup: Beyond
     Empirical Risk Minimization".
     """
+    if not isinstance(inputs, Tensor) or inputs.ndim == 0:
+        raise TypeError(f"mixup_batch: inputs must be a (N, ...) torch.Tensor, got {inputs!r:.60}")
+    if (
+        not isinstance(targets, Tensor)
+        or targets.dtype == torch.bool
+        or targets.is_floating_point()
+    ):
+        raise TypeError("mixup_batch: targets must be an integer (N,) torch.Tensor")
     if targets.ndim != 1 or targets.shape[0] != inputs.shape[0]:
         raise ValueError(
-            f"targets must be (N,) with N = {inputs.shape[0]}, got {tuple(targets.shape)}"
+            f"mixup_batch: targets must be (N,) with N = {inputs.shape[0]}, "
+            f"got {tuple(targets.shape)}"
         )
+    check_int("mixup_batch", "n_classes", n_classes, 1)
+    targets = targets.long()
+    if targets.numel() and (targets.min() < 0 or targets.max() >= n_classes):
+        raise ValueError(f"mixup_batch: targets must lie in [0, n_classes={n_classes})")
     if lam is None:
+        check_number("mixup_batch", "alpha", alpha, 0, low_open=True)
         lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    else:
+        lam = check_number("mixup_batch", "lam", lam, 0, 1)
     perm = torch.randperm(inputs.shape[0], generator=generator).to(inputs.device)
     onehot = F.one_hot(targets, n_classes).to(
         inputs.dtype if inputs.is_floating_point() else torch.float32
@@ -138,7 +166,7 @@ def mixup_cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "me
     """CE against the soft targets of ``mixup_batch``: -sum_c t_c log p_c, which equals
     lam CE(y_a) + (1 - lam) CE(y_b). logits (N, C), targets (N, C). Zhang et al. 2018.
     """
-    _check(logits, targets, reduction, soft=True)
+    _check("mixup_cross_entropy", logits, targets, reduction, soft=True)
     return _reduce(-(targets * F.log_softmax(logits, dim=1)).sum(dim=1), reduction)
 
 
@@ -158,8 +186,10 @@ def mrl(
     mixed_targets (N, C). Noh et al. 2023, "RankMixup: Ranking-Based Mixup Training for Network
     Calibration" (ICCV), as in the official code.
     """
-    _check(logits, targets)
-    _check(mixed_logits, mixed_targets, soft=True)
+    targets = _check("mrl", logits, targets)
+    _check("mrl", mixed_logits, mixed_targets, soft=True)
+    check_number("mrl", "margin", margin, 0)
+    check_number("mrl", "alpha", alpha, 0)
     really_mixed = (mixed_targets == 1).sum(dim=1) == 0  # (N,)
     gap = mixed_logits.max(dim=1).values - logits.max(dim=1).values
     ranking = (really_mixed * F.relu(gap + margin)).mean()
@@ -181,16 +211,21 @@ def mndcg(
     NDCG = min(DCG / IDCG, IDCG / DCG). logits (N, C), targets (N,), mixed_logits and
     mixed_targets (M, N, C). Noh et al. 2023 (ICCV), as in the official code.
     """
-    _check(logits, targets)
-    if mixed_logits.ndim != 3 or mixed_logits.shape[1:] != logits.shape:
+    targets = _check("mndcg", logits, targets)
+    check_number("mndcg", "alpha", alpha, 0)
+    if (
+        not isinstance(mixed_logits, Tensor)
+        or mixed_logits.ndim != 3
+        or mixed_logits.shape[1:] != logits.shape
+    ):
         raise ValueError(
-            f"mixed_logits must be (M, N, C) with (N, C) = {tuple(logits.shape)}, "
+            f"mndcg: mixed_logits must be (M, N, C) with (N, C) = {tuple(logits.shape)}, "
             f"got {tuple(mixed_logits.shape)}"
         )
-    if mixed_targets.shape != mixed_logits.shape:
+    if not isinstance(mixed_targets, Tensor) or mixed_targets.shape != mixed_logits.shape:
         raise ValueError(
-            f"mixed_targets must match mixed_logits {tuple(mixed_logits.shape)}, "
-            f"got {tuple(mixed_targets.shape)}"
+            f"mndcg: mixed_targets must match mixed_logits {tuple(mixed_logits.shape)}, "
+            f"got {tuple(getattr(mixed_targets, 'shape', ()))}"
         )
     coeff = mixed_targets.max(dim=2).values.T  # (N, M)
     conf = mixed_logits.softmax(dim=2).max(dim=2).values.T  # (N, M)

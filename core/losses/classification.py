@@ -3,7 +3,10 @@ adversarial variant, label-distributionally robust losses (LDR-KL, ALDR-KL, top-
 symmetric CE, the spherical Z-loss, and PaLM's log-partition penalty.
 
 Every loss is ``f(logits (N, C), targets (N,), *, reduction="mean", ignore_index=-100, **hp)``;
-ignored rows contribute 0 and do not count in the mean (as in ``F.cross_entropy``).
+ignored rows contribute 0 and do not count in the mean (as in ``F.cross_entropy``; a mean over no
+kept row is NaN, like torch). Targets may have any integer dtype (compared to ``ignore_index`` as
+int64); the loss has the logits' dtype. Every hyperparameter is checked on each call: a bad one
+raises ValueError naming the loss, the argument and its allowed range.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from core.losses._checks import check_class_targets, check_int, check_number, check_reduction
 from core.losses._registry import LOSSES
 
 __all__ = [
@@ -29,28 +33,20 @@ __all__ = [
     "topk_svm",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
-
 
 def _prepare(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
+    fn: str, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate inputs; return (targets with ignored rows set to 0, keep mask) both (N,)."""
-    if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(
-            f"logits must be a floating (N, C) tensor, got shape {tuple(logits.shape)}"
-        )
-    if targets.shape != logits.shape[:1] or targets.is_floating_point():
-        raise ValueError(
-            f"targets must be integer (N,) = ({logits.shape[0]},), got {tuple(targets.shape)} "
-            f"{targets.dtype}"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    """Validate inputs; return (int64 targets with ignored rows set to 0, keep mask), both (N,)."""
+    targets = check_class_targets(fn, logits, targets)
+    check_reduction(fn, reduction)
+    check_int(fn, "ignore_index", ignore_index, -(2**63))
     keep = targets != ignore_index
     safe = torch.where(keep, targets, torch.zeros_like(targets))
     if safe.numel() and (safe.min() < 0 or safe.max() >= logits.shape[1]):
-        raise ValueError(f"targets must lie in [0, {logits.shape[1]}) or equal ignore_index")
+        raise ValueError(
+            f"{fn}: targets must lie in [0, {logits.shape[1]}) or equal ignore_index={ignore_index}"
+        )
     return safe, keep
 
 
@@ -83,8 +79,8 @@ def ce(logits, targets, *, reduction="mean", ignore_index=-100):
     Mao, Mohri & Zhong, 2023, "Cross-Entropy Loss Functions: Theoretical Analysis and
     Applications" (arXiv:2304.07288).
     """
-    _prepare(logits, targets, ignore_index, reduction)
-    return F.cross_entropy(logits, targets, reduction=reduction, ignore_index=ignore_index)
+    _prepare("ce", logits, targets, ignore_index, reduction)
+    return F.cross_entropy(logits, targets.long(), reduction=reduction, ignore_index=ignore_index)
 
 
 @LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
@@ -96,9 +92,8 @@ def comp_sum(logits, targets, *, tau=1.0, reduction="mean", ignore_index=-100):
     tau = 0 sum-exponential, tau = 1 logistic (CE), 1 < tau < 2 generalised CE (q = tau - 1),
     tau = 2 MAE ``1 - p_y``. (N, C), (N,) -> loss. Mao, Mohri & Zhong, 2023 (arXiv:2304.07288).
     """
-    if tau < 0:
-        raise ValueError(f"comp_sum: tau must be >= 0, got {tau}")
-    targets, keep = _prepare(logits, targets, ignore_index, reduction)
+    check_number("comp_sum", "tau", tau, 0)
+    targets, keep = _prepare("comp_sum", logits, targets, ignore_index, reduction)
     logp = _target_logp(logits, targets)  # (N,)
     if tau == 1:
         loss = -logp
@@ -114,8 +109,7 @@ def gce(logits, targets, *, q=0.7, reduction="mean", ignore_index=-100):
     Zhang & Sabuncu, 2018, "Generalized Cross Entropy Loss for Training Deep Neural Networks
     with Noisy Labels" (arXiv:1805.07836); default q = 0.7 as in the paper.
     """
-    if not 0 < q <= 1:
-        raise ValueError(f"gce: q must be in (0, 1], got {q}")
+    check_number("gce", "q", q, 0, 1, low_open=True)
     return comp_sum(logits, targets, tau=1 + q, reduction=reduction, ignore_index=ignore_index)
 
 
@@ -146,14 +140,15 @@ def adv_comp_sum(
 
     Mao, Mohri & Zhong, 2023 (arXiv:2304.07288). (N, C), (N,), (N, C) -> loss.
     """
-    if adv_logits.shape != logits.shape:
+    safe, keep = _prepare("adv_comp_sum", logits, targets, ignore_index, reduction)
+    if not isinstance(adv_logits, torch.Tensor) or adv_logits.shape != logits.shape:
         raise ValueError(
-            f"adv_logits shape {tuple(adv_logits.shape)} != logits {tuple(logits.shape)}"
+            f"adv_comp_sum: adv_logits must be a tensor of the logits' shape "
+            f"{tuple(logits.shape)}, got {tuple(getattr(adv_logits, 'shape', ()))}"
         )
-    if rho <= 0:
-        raise ValueError(f"adv_comp_sum: rho must be > 0, got {rho}")
+    check_number("adv_comp_sum", "rho", rho, 0, low_open=True)
+    check_number("adv_comp_sum", "nu", nu, 0)
     base = comp_sum(logits / rho, targets, tau=tau, reduction="none", ignore_index=ignore_index)
-    safe, keep = _prepare(logits, targets, ignore_index, reduction)
     # z_y - z_k differs between z' and z by -(a'_k - a_k) with a = z - z_y; a_y = 0 for both
     diff = _margins(adv_logits, safe, 0.0) - _margins(logits, safe, 0.0)  # (N, C)
     smooth = diff.square().sum(1).add(1e-12).sqrt()  # eps keeps the gradient finite at z' = z
@@ -173,9 +168,9 @@ def ldr_kl(logits, targets, *, lam=1.0, margin=0.1, reduction="mean", ignore_ind
     2023, "Label Distributionally Robust Losses for Multi-class Classification"
     (arXiv:2112.14869); paper equations not checked. (N, C), (N,) -> loss.
     """
-    if lam <= 0:
-        raise ValueError(f"ldr_kl: lam must be > 0, got {lam}")
-    targets, keep = _prepare(logits, targets, ignore_index, reduction)
+    check_number("ldr_kl", "lam", lam, 0, low_open=True)
+    check_number("ldr_kl", "margin", margin, 0)
+    targets, keep = _prepare("ldr_kl", logits, targets, ignore_index, reduction)
     a = _margins(logits, targets, margin)  # (N, C)
     loss = lam * (torch.logsumexp(a / lam, dim=1) - math.log(logits.shape[1]))
     return _reduce(loss, keep, reduction)
@@ -210,9 +205,12 @@ def aldr_kl(
     Robustness and Adaptivity" (ICML 2023, arXiv:2112.14869); paper equations not checked.
     (N, C), (N,) -> loss.
     """
-    if lam0 <= 0 or alpha <= 0:
-        raise ValueError(f"aldr_kl: lam0 and alpha must be > 0, got {lam0}, {alpha}")
-    targets, keep = _prepare(logits, targets, ignore_index, reduction)
+    check_number("aldr_kl", "lam0", lam0, 0, low_open=True)
+    check_number("aldr_kl", "alpha", alpha, 0, low_open=True)
+    check_number("aldr_kl", "margin", margin, 0)
+    check_int("aldr_kl", "grid", grid, 1)
+    check_number("aldr_kl", "lam_min", lam_min, 0, low_open=True)
+    targets, keep = _prepare("aldr_kl", logits, targets, ignore_index, reduction)
     a = _margins(logits, targets, margin)  # (N, C)
     log_c = math.log(logits.shape[1])
     lo = max(lam_min, lam0 * (1.0 - 1.0 / alpha))
@@ -231,9 +229,9 @@ def topk_svm(logits, targets, *, k=1, margin=1.0, reduction="mean", ignore_index
     Zhu, Ying & Yang, 2023 (arXiv:2112.14869); Lapin, Hein & Schiele, 2015, "Top-k Multiclass
     SVM". (N, C), (N,) -> loss.
     """
-    if not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"topk_svm: k must be in [1, C={logits.shape[-1]}], got {k}")
-    targets, keep = _prepare(logits, targets, ignore_index, reduction)
+    targets, keep = _prepare("topk_svm", logits, targets, ignore_index, reduction)
+    check_int("topk_svm", "k", k, 1, logits.shape[-1])
+    check_number("topk_svm", "margin", margin, 0)
     a = _margins(logits, targets, margin)  # (N, C)
     return _reduce(a.topk(k, dim=1).values.mean(1), keep, reduction)
 
@@ -249,7 +247,10 @@ def sce(
     (arXiv:1908.06112): A = -4 in the paper (the official code clamps q at 1e-4, A = log 1e-4).
     Defaults alpha = 0.1, beta = 1 are the paper's CIFAR-10 setting. (N, C), (N,) -> loss.
     """
-    targets, keep = _prepare(logits, targets, ignore_index, reduction)
+    check_number("sce", "alpha", alpha, 0)
+    check_number("sce", "beta", beta, 0)
+    check_number("sce", "log_zero", log_zero, high=0, high_open=True)
+    targets, keep = _prepare("sce", logits, targets, ignore_index, reduction)
     logp = _target_logp(logits, targets)  # (N,)
     loss = -alpha * logp - beta * log_zero * (-torch.expm1(logp))
     return _reduce(loss, keep, reduction)
@@ -266,9 +267,9 @@ def spherical_zloss(logits, targets, *, a=0.1, b=10.0, reduction="mean", ignore_
     against a summary of the paper; equation number not checked). The paper tunes a and b per
     task; the defaults a = 0.1, b = 10 are ours (unverified), tune them. (N, C), (N,) -> loss.
     """
-    if a <= 0:
-        raise ValueError(f"spherical_zloss: a must be > 0, got {a}")
-    targets, keep = _prepare(logits, targets, ignore_index, reduction)
+    check_number("spherical_zloss", "a", a, 0, low_open=True)
+    check_number("spherical_zloss", "b", b)
+    targets, keep = _prepare("spherical_zloss", logits, targets, ignore_index, reduction)
     mu = logits.mean(1, keepdim=True)
     sigma = (logits - mu).square().mean(1, keepdim=True).add(1e-12).sqrt()  # (N, 1)
     z_y = ((logits - mu) / sigma).gather(1, targets[:, None]).squeeze(1)
@@ -284,5 +285,6 @@ def logz_penalty(logits, targets, *, coef=1e-4, reduction="mean", ignore_index=-
     training setup (p. 10): "z-loss" 1e-4 * log^2 Z (checked through secondary sources that
     quote it, not the PDF). Targets only select ignored rows. (N, C), (N,) -> loss.
     """
-    _, keep = _prepare(logits, targets, ignore_index, reduction)
+    check_number("logz_penalty", "coef", coef, 0)
+    _, keep = _prepare("logz_penalty", logits, targets, ignore_index, reduction)
     return _reduce(coef * torch.logsumexp(logits, dim=1).square(), keep, reduction)

@@ -140,7 +140,7 @@ def test_mndcg_matches_loop_and_is_ce_when_confidences_equal_coefficients():
 @pytest.mark.parametrize("name", ["label_smoothing", "focal", "focal_flsd53"])
 def test_hard_target_losses_reject_bad_input(name):
     logits, y = _batch()
-    with pytest.raises(ValueError, match="targets must be integer"):
+    with pytest.raises(ValueError, match=r"targets must be \(N,\)"):
         get_loss(name)(logits, y[:-1])
     with pytest.raises(ValueError, match="targets must lie"):
         get_loss(name)(logits, y + C)
@@ -174,3 +174,107 @@ def test_registered_losses_are_differentiable(name):
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss) and torch.isfinite(x.grad).all()
     assert x.grad.abs().sum() > 0
+
+
+# ---- issue 15: focal with gamma < 1 at p_y == 1, label dtypes, hyperparameters ----
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_focal_gradient_is_finite_when_p_y_rounds_to_one(gamma, dtype):
+    x = torch.tensor([[60.0, 0.0], [0.3, -0.2]], dtype=dtype, requires_grad=True)
+    y = torch.tensor([0, 1])
+    for loss in (
+        focal(x, y, gamma=gamma),
+        focal_flsd53(x, y, gammas=(gamma, gamma)),
+    ):
+        (grad,) = torch.autograd.grad(loss, x)
+        assert torch.isfinite(grad).all()  # NaN for the whole batch before, gamma < 1
+        # float64 reference: the saturated row's true gradient is ~e^-60 (0 to fp32), the other
+        # row's is the closed-form focal gradient
+        x64 = x.detach().double().requires_grad_()
+        (ref,) = torch.autograd.grad(focal(x64[1:], y[1:], gamma=gamma, reduction="sum") / 2, x64)
+        torch.testing.assert_close(grad.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_focal_one_step_by_hand():
+    # z = [1, 0], y = 0, gamma = 2: p = e / (e + 1); loss = -(1-p)^2 log p;
+    # d loss / d z0 = (1-p) p [2 (1-p) log p ... ] computed from the chain rule on u = z0 - z1
+    p = math.e / (math.e + 1)
+    loss = -((1 - p) ** 2) * math.log(p)
+    # dL/du with dp/du = p (1 - p): 2 (1-p) p (1-p) log p - (1-p)^2 (1-p)
+    dl_du = 2 * (1 - p) ** 2 * p * math.log(p) - (1 - p) ** 3
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    out = focal(x, torch.tensor([0]), gamma=2.0)
+    (grad,) = torch.autograd.grad(out, x)
+    assert out.detach().item() == pytest.approx(loss, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor([[dl_du, -dl_du]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "focal", "focal_flsd53", "mrl", "mndcg"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_any_integer_target_dtype_gives_the_int64_loss(name, dtype):
+    logits, y = _batch(3)
+    soft = 0.5 * F.one_hot(y, C).double() + 0.5 * F.one_hot((y + 2) % C, C).double()
+    extra = {
+        "mrl": (logits.flip(0), soft),
+        "mndcg": (logits[None].flip(1), soft[None]),
+    }.get(name, ())
+    ours = get_loss(name)(logits, y.to(dtype), *extra)
+    torch.testing.assert_close(ours, get_loss(name)(logits, y, *extra))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("label_smoothing", {"smoothing": 1.5}, "smoothing must be a finite number in"),
+        ("label_smoothing", {"smoothing": float("nan")}, "smoothing"),
+        ("focal", {"gamma": -0.5}, "focal: gamma must be a finite number >= 0"),
+        ("focal", {"gamma": float("inf")}, "focal: gamma"),
+        ("focal_flsd53", {"threshold": 2.0}, "threshold must be a finite number in"),
+        ("focal_flsd53", {"gammas": (5.0, -1.0)}, r"gammas\[i\] must be"),
+        ("focal_flsd53", {"gammas": (5.0,)}, "gammas must be a pair"),
+    ],
+)
+def test_hard_target_hyperparameters_are_refused_by_name(name, kwargs, match):
+    logits, y = _batch()
+    with pytest.raises(ValueError, match=match):
+        get_loss(name)(logits, y, **kwargs)
+
+
+def test_ranking_hyperparameters_are_refused_by_name():
+    logits, y = _batch()
+    soft = F.one_hot(y, C).double()
+    with pytest.raises(ValueError, match="mrl: margin must be"):
+        mrl(logits, y, logits, soft, margin=-1.0)
+    with pytest.raises(ValueError, match="mrl: alpha must be"):
+        mrl(logits, y, logits, soft, alpha=float("nan"))
+    with pytest.raises(ValueError, match="mndcg: alpha must be"):
+        mndcg(logits, y, logits[None], soft[None], alpha=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"alpha": 0.0}, ValueError, "mixup_batch: alpha must be a finite number > 0"),
+        ({"alpha": -1.0}, ValueError, "alpha"),
+        ({"alpha": float("nan")}, ValueError, "alpha"),
+        ({"lam": 1.5}, ValueError, r"mixup_batch: lam must be a finite number in \[0, 1\]"),
+        ({"n_classes": 0}, ValueError, "n_classes must be an integer >= 1"),
+        ({"n_classes": 3}, ValueError, r"targets must lie in \[0, n_classes=3\)"),
+        ({"targets": torch.arange(N) % C * 1.0}, TypeError, "targets must be an integer"),
+    ],
+)
+def test_mixup_batch_refuses_bad_arguments_by_name(kwargs, error, match):
+    args = {"inputs": torch.randn(N, 4), "targets": torch.arange(N) % C, "n_classes": C} | kwargs
+    with pytest.raises(error, match=match):
+        mixup_batch(**args)
+
+
+def test_mixup_batch_with_given_lam_and_uint8_targets():
+    inputs, y = torch.randn(N, 4, dtype=torch.float64), torch.arange(N) % C
+    g = torch.Generator().manual_seed(3)
+    mixed, soft, lam = mixup_batch(inputs, y.to(torch.uint8), C, lam=1.0, generator=g)
+    assert lam == 1.0
+    torch.testing.assert_close(mixed, inputs)
+    torch.testing.assert_close(soft, F.one_hot(y, C).double())

@@ -29,8 +29,8 @@ def _data(n=16, c=7, scale=3.0, seed=0, dtype=torch.float64):
 
 
 def _call(name, logits, targets, **kw):
-    if name == "adv_comp_sum":
-        kw.setdefault("adv_logits", logits.detach() + 0.1)
+    if name == "adv_comp_sum" and "adv_logits" not in kw:
+        kw["adv_logits"] = logits.detach() + 0.1
     return get_loss(name)(logits, targets, **kw)
 
 
@@ -266,3 +266,80 @@ def test_bad_hyperparameters_raise():
     ]:
         with pytest.raises(ValueError, match=name):
             get_loss(name)(x, y, **kw)
+
+
+# --- issue 15: label dtypes, ignore_index, every hyperparameter refused by name -------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_target_dtype_gives_the_int64_loss(name, dtype):
+    x, y = _data()
+    torch.testing.assert_close(_call(name, x, y.to(dtype)), _call(name, x, y))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_uint8_class_156_is_a_class_not_a_wrapped_ignore_index(name):
+    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.full((4,), 156, dtype=torch.uint8)  # -100 as uint8 would be 156
+    loss = _call(name, x, y, reduction="none")
+    torch.testing.assert_close(loss, _call(name, x, y.long(), reduction="none"))
+    assert (loss != 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_types_are_refused_by_name(name):
+    x, y = _data()
+    with pytest.raises(TypeError, match="targets must be"):
+        _call(name, x, y.double())
+    with pytest.raises(TypeError, match="logits must be a floating"):
+        _call(name, x.numpy(), y, **({"adv_logits": x} if name == "adv_comp_sum" else {}))
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        _call(name, x, y, ignore_index=None)
+
+
+HP_CASES = [  # (loss, hyperparameter, bad values); NaN and inf are refused for every float
+    ("comp_sum", "tau", [-1, -1e-9]),
+    ("gce", "q", [0, 1.5, -0.1]),
+    ("adv_comp_sum", "rho", [0, -1]),
+    ("adv_comp_sum", "nu", [-1]),
+    ("ldr_kl", "lam", [0, -1]),
+    ("ldr_kl", "margin", [-0.1]),
+    ("aldr_kl", "lam0", [0]),
+    ("aldr_kl", "alpha", [0, -2]),
+    ("aldr_kl", "margin", [-1]),
+    ("aldr_kl", "lam_min", [0, -1e-3]),
+    ("sce", "alpha", [-0.1]),
+    ("sce", "beta", [-1]),
+    ("sce", "log_zero", [0, 1]),
+    ("spherical_zloss", "a", [0, -0.1]),
+    ("logz_penalty", "coef", [-1e-4]),
+]
+
+
+@pytest.mark.parametrize(("name", "hp", "bad"), HP_CASES)
+def test_every_float_hyperparameter_is_range_checked(name, hp, bad):
+    x, y = _data()
+    for value in [*bad, float("nan"), float("inf"), "1", True]:
+        with pytest.raises(ValueError, match=rf"{name}: {hp} must be a finite number"):
+            _call(name, x, y, **{hp: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "hp", "bad"),
+    [("aldr_kl", "grid", [0, -1, 2.5, True]), ("topk_svm", "k", [0, 8, 1.0])],
+)
+def test_integer_hyperparameters_are_range_checked(name, hp, bad):
+    x, y = _data()
+    for value in bad:
+        with pytest.raises(ValueError, match=rf"{name}: {hp} must be an integer"):
+            _call(name, x, y, **{hp: value})
+
+
+def test_aldr_kl_grid_of_one_is_ldr_kl_at_the_lower_end():
+    x, y = _data()
+    # one grid point: lam = max(lam_min, lam0 (1 - 1/alpha)) = 0.5 at lam0 1, alpha 2
+    one = get_loss("aldr_kl")(x, y, grid=1, reduction="none")
+    ldr = get_loss("ldr_kl")(x, y, lam=0.5, reduction="none")
+    penalty = 2 * math.log(7) / 2 * (0.5 - 1.0) ** 2
+    torch.testing.assert_close(one, ldr - penalty)
