@@ -13,7 +13,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from core.entropy._registry import ESTIMATORS
-from core.entropy._validate import as_samples
+from core.entropy._validate import as_samples, check_count, check_positive
 
 __all__ = ["diffusion_eigenvalues", "diffusion_spectral_entropy", "diffusion_spectral_mi"]
 
@@ -24,8 +24,7 @@ def diffusion_eigenvalues(x, sigma: float = 10.0) -> np.ndarray:
     computed from the similar symmetric matrix ``D^-1/2 G D^-1/2``. Liao et al., 2023.
     """
     x = as_samples(x, "diffusion_eigenvalues: x")
-    if sigma <= 0:
-        raise ValueError(f"kernel width sigma must be > 0, got {sigma}")
+    check_positive("kernel width sigma", sigma)
     g = np.exp(-cdist(x, x, "sqeuclidean") / (2 * sigma**2))  # (n, n)
     s = 1 / np.sqrt(g.sum(1))
     return np.linalg.eigvalsh(s[:, None] * g * s[None, :])[::-1]
@@ -38,8 +37,7 @@ def diffusion_spectral_entropy(x, sigma: float = 10.0, t: int = 1) -> float:
     suppresses noise eigenvalues. Defaults sigma = 10, t = 1 follow the authors' code.
     Returns a float. Liao et al., 2023 (arXiv:2312.04823).
     """
-    if t < 1:
-        raise ValueError(f"dse: diffusion time t must be >= 1, got {t}")
+    check_count("dse: diffusion time t", t)
     lam = np.abs(diffusion_eigenvalues(x, sigma)[1:]) ** t  # (n - 1,)
     if lam.sum() == 0:
         return 0.0
@@ -59,6 +57,7 @@ def diffusion_spectral_mi(
     Liao et al., 2023 (arXiv:2312.04823).
     """
     x = as_samples(x, "dsmi: x")
+    check_count("dsmi: repetitions", repetitions)
     if torch.is_tensor(labels):
         labels = labels.detach().cpu().numpy()
     labels = np.asarray(labels).reshape(-1)

@@ -28,6 +28,10 @@ def knn_entropy(x, k: int = 3) -> float:
     x = as_samples(x, "knn_entropy: x")
     n, d = x.shape
     check_k(k, n)
+    # H(x / s) + d log s with s a power of two (exact): distances of 1e-200 data would square to
+    # 0 and of 1e200 data to inf inside the tree
+    log2_s = float(np.floor(np.log2(np.abs(x).max()))) if np.abs(x).max() > 0 else 0.0
+    x = np.ldexp(x, -int(log2_s))
     eps = cKDTree(x).query(x, k=k + 1)[0][:, k]  # (n,); column 0 is the point itself
     if (eps == 0).any():
         raise ValueError(
@@ -35,7 +39,8 @@ def knn_entropy(x, k: int = 3) -> float:
             "the estimator needs continuous samples (increase k or add jitter)"
         )
     log_vd = d / 2 * np.log(np.pi) - gammaln(d / 2 + 1)
-    return float(digamma(n) - digamma(k) + log_vd + d * np.log(eps).mean())
+    log_s = log2_s * np.log(2.0)
+    return float(digamma(n) - digamma(k) + log_vd + d * (np.log(eps).mean() + log_s))
 
 
 @ESTIMATORS.register(paper="Kraskov, Stoegbauer & Grassberger 2004, arXiv:cond-mat/0305641")

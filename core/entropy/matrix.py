@@ -2,7 +2,9 @@
 information, and the Cauchy-Schwarz divergence between two samples.
 
 These are differentiable: they take torch tensors (or numpy, computed in float64) and return
-0-dim torch tensors in nats, so they can serve as training objectives.
+0-dim torch tensors in nats, so they can serve as training objectives. Pairwise distances are
+taken from coordinate differences (never |x|^2 + |y|^2 - 2 x.y, which cancels catastrophically
+once the data sit far from the origin), so every measure is translation invariant in any dtype.
 """
 
 from __future__ import annotations
@@ -12,23 +14,26 @@ import math
 import torch
 
 from core.entropy._registry import ESTIMATORS
-from core.entropy._validate import as_tensor_samples
+from core.entropy._validate import as_tensor_samples, check_positive
 
 __all__ = ["cs_divergence", "matrix_renyi_entropy", "matrix_renyi_mi"]
 
 
+def _sq_dists(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (n, m) from coordinate differences (no cancellation)."""
+    return torch.cdist(u, v, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
 def _gram(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Trace-normalised Gaussian Gram matrix ``A = K / tr K``, K_ij = exp(-|xi-xj|^2 / 2s^2)."""
-    if sigma <= 0:
-        raise ValueError(f"kernel width sigma must be > 0, got {sigma}")
-    k = torch.exp(-torch.cdist(x, x).square() / (2 * sigma**2))  # (n, n), unit diagonal
-    return k / x.shape[0]
+    check_positive("kernel width sigma", sigma)
+    k = torch.exp(-_sq_dists(x, x) / (2 * sigma**2))  # (n, n)
+    return k / k.diagonal().sum()
 
 
 def _spectral_renyi(a: torch.Tensor, alpha: float) -> torch.Tensor:
     """``S_alpha(A) = log(sum_i lam_i^alpha) / (1 - alpha)`` over the eigenvalues of A (tr 1)."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    check_positive("alpha", alpha)
     lam = torch.linalg.eigvalsh(a).clamp(min=0)  # (n,); tiny negatives are round-off
     if alpha == 1:
         return -torch.special.xlogy(lam, lam).sum()
@@ -83,11 +88,10 @@ def cs_divergence(x, y, sigma: float = 1.0) -> torch.Tensor:
     y = as_tensor_samples(y, "cs_divergence: y", min_n=1).to(x.dtype)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"cs_divergence: x and y need the same d, got {x.shape[1]}, {y.shape[1]}")
-    if sigma <= 0:
-        raise ValueError(f"kernel width sigma must be > 0, got {sigma}")
+    check_positive("kernel width sigma", sigma)
 
     def log_mean_k(u, v):  # log mean_ij exp(-|u_i - v_j|^2 / 4 sigma^2), stable
-        s = -torch.cdist(u, v).square() / (4 * sigma**2)  # (n, m)
+        s = -_sq_dists(u, v) / (4 * sigma**2)  # (n, m)
         return torch.logsumexp(s.flatten(), 0) - math.log(s.numel())
 
     return log_mean_k(x, x) + log_mean_k(y, y) - 2 * log_mean_k(x, y)

@@ -90,3 +90,19 @@ def test_errors():
 def test_registered():
     assert ESTIMATORS.get("diffusion_spectral_entropy") is diffusion_spectral_entropy
     assert ESTIMATORS.get("diffusion_spectral_mi") is diffusion_spectral_mi
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x: diffusion_spectral_entropy(x, t=0), "diffusion time t must be an integer >= 1"),
+        (lambda x: diffusion_spectral_entropy(x, t=1.5), "diffusion time t"),
+        (lambda x: diffusion_spectral_entropy(x, sigma=float("nan")), "sigma must be a finite"),
+        (lambda x: diffusion_spectral_entropy(x[:, :0]), "at least one feature"),
+        (lambda x: diffusion_spectral_mi(x, [0, 1] * 10, repetitions=0), "repetitions must be"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(call, match):
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ValueError, match=match):
+        call(x)

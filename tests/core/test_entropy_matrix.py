@@ -102,3 +102,46 @@ def test_registered():
         ("cs_divergence", cs_divergence),
     ]:
         assert ESTIMATORS.get(name) is fn
+
+
+# ---- issue 15 item 6: translation invariance in fp32, values in [0, log n] ----
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4, 1e5])
+def test_renyi_and_cs_are_translation_invariant_in_float32(offset):
+    x = _x(50, 3).float()
+    y = _x(25, 3, seed=4).float() + 0.5
+    # float64 reference on exactly the (rounded) float32 values
+    xs, ys = x + offset, y + offset
+    h = matrix_renyi_entropy(xs)
+    assert 0 <= h.item() <= math.log(50) + 1e-5  # was -0.78 at +1e3, -48.7 at +1e4
+    assert h.item() == pytest.approx(matrix_renyi_entropy(xs.double()).item(), abs=1e-4)
+    d = cs_divergence(xs, ys)
+    assert d.item() == pytest.approx(cs_divergence(xs.double(), ys.double()).item(), abs=1e-4)
+    mi = matrix_renyi_mi(xs, xs[:, :1])
+    assert mi.item() == pytest.approx(
+        matrix_renyi_mi(xs.double(), xs[:, :1].double()).item(), abs=1e-4
+    )
+
+
+def test_gram_is_trace_normalised():
+    from core.entropy.matrix import _gram
+
+    a = _gram(_x(30, 2).float() + 1e4, 1.0)
+    assert a.trace().item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x: matrix_renyi_entropy(x, alpha=0.0), "alpha must be a finite number > 0"),
+        (lambda x: matrix_renyi_entropy(x, alpha=float("inf")), "alpha"),
+        (lambda x: matrix_renyi_entropy(x, sigma=float("nan")), "sigma must be a finite number"),
+        (lambda x: matrix_renyi_mi(x, x, sigma_y=-1.0), "sigma"),
+        (lambda x: cs_divergence(x, x, sigma=float("inf")), "sigma"),
+        (lambda x: matrix_renyi_entropy(x[:, :0]), r"at least one feature"),
+    ],
+)
+def test_hyperparameters_and_empty_features_are_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_x(10, 2))
