@@ -16,6 +16,7 @@ change is commented. The original generator has no seed; ours is deterministic g
 from __future__ import annotations
 
 import io
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -59,10 +60,16 @@ def corrupt(images, name: str, severity: int, seed: int = 0) -> np.ndarray:
     Deterministic given ``seed``. Hendrycks & Dietterich, 2019 (arXiv:1903.12261).
     """
     x = np.asarray(images)
-    if x.ndim != 3 or x.shape[0] == 0:
+    if x.ndim != 3 or 0 in x.shape:
         raise ValueError(f"corrupt: images must be a non-empty (N, H, W) batch, got {x.shape}")
+    if not isinstance(severity, numbers.Integral) or isinstance(severity, bool):
+        raise TypeError(f"corrupt: severity must be an int in {SEVERITIES}, got {severity!r}")
     if severity not in SEVERITIES:
         raise ValueError(f"corrupt: severity must be one of {SEVERITIES}, got {severity!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"corrupt: seed must be an integer >= 0, got {seed!r}")
+    if not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
+        raise TypeError(f"corrupt: images must be uint8 or floating, got dtype {x.dtype}")
     if x.dtype == np.uint8:
         x = x.astype(np.float64) / 255.0
     else:
@@ -70,7 +77,7 @@ def corrupt(images, name: str, severity: int, seed: int = 0) -> np.ndarray:
         if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise ValueError("corrupt: float images must be finite and in [0, 1]")
     fn = CORRUPTIONS.get(name)
-    out = fn(x.copy(), severity, np.random.default_rng(seed))
+    out = fn(x.copy(), int(severity), np.random.default_rng(seed))
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
@@ -163,6 +170,11 @@ def plasma_fractal(n: int, mapsize: int, wibbledecay: float, rng: np.random.Gene
         wibble /= wibbledecay
     m -= m.min(axis=(1, 2), keepdims=True)
     return m / m.max(axis=(1, 2), keepdims=True)
+
+
+def _plasma_size(h: int, w: int) -> int:
+    """Side of the plasma map cropped to (h, w): 32 (the CIFAR size), or the next power of two."""
+    return max(32, 1 << (max(h, w) - 1).bit_length())
 
 
 def _per_image(x: np.ndarray, fn: Callable[[Image.Image], Image.Image]) -> np.ndarray:
@@ -298,8 +310,9 @@ def frost(x, severity, rng):
     """
     c0, c1 = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.45), (0.75, 0.55))[severity - 1]
     n, h, w = x.shape
-    veins = (1 - np.abs(2 * plasma_fractal(n, 32, 1.2, rng) - 1)) ** 4  # (N, 32, 32)
-    haze = plasma_fractal(n, 32, 2.0, rng)
+    size = _plasma_size(h, w)
+    veins = (1 - np.abs(2 * plasma_fractal(n, size, 1.2, rng) - 1)) ** 4  # (N, 32, 32) at 28 px
+    haze = plasma_fractal(n, size, 2.0, rng)
     tex = 0.7 * veins + 0.3 * haze
     return c0 * x + c1 * tex[:, :h, :w] / tex.max(axis=(1, 2), keepdims=True)
 
@@ -310,7 +323,7 @@ def fog(x, severity, rng):
     c0, c1 = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))[severity - 1]
     n, h, w = x.shape
     peak = x.max(axis=(1, 2), keepdims=True)
-    x = x + c0 * plasma_fractal(n, 32, c1, rng)[:, :h, :w]
+    x = x + c0 * plasma_fractal(n, _plasma_size(h, w), c1, rng)[:, :h, :w]
     return x * peak / (peak + c0)
 
 
@@ -404,7 +417,7 @@ def pixelate(x, severity, rng):
     """Box-downsample to c x size and back (PIL BOX); CIFAR-10-C c = .95 .9 .85 .75 .65."""
     c = (0.95, 0.9, 0.85, 0.75, 0.65)[severity - 1]
     h, w = x.shape[1:]
-    small = (int(w * c), int(h * c))
+    small = (max(1, int(w * c)), max(1, int(h * c)))  # a 1 px image stays 1 px
     return _per_image(
         x, lambda im: im.resize(small, Image.Resampling.BOX).resize((w, h), Image.Resampling.BOX)
     )

@@ -2,7 +2,8 @@
 
 The four official IDX ``.gz`` files come from, in order:
 
-1. the directory in ``$FASHION_MNIST_DIR``;
+1. the directory in ``$FASHION_MNIST_DIR`` (given by the user, so it must hold all four files:
+   an incomplete one is an error naming the missing files, never a silent fall-through);
 2. the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``);
 3. the official download URLs;
 4. as root on a Debian-like system, ``apt-get install dataset-fashion-mnist`` (said aloud).
@@ -144,7 +145,24 @@ def verify(path: Path) -> tuple[bytes, bool]:
 
 
 def _complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in FILES)
+    return not _missing(directory)
+
+
+def _missing(directory: Path) -> list[str]:
+    """The official file names not present (as regular files) in ``directory``."""
+    return [name for name in FILES if not (directory / name).is_file()]
+
+
+def _check_user_dir(directory: Path, what: str) -> None:
+    """A directory the user named must exist and hold all four files; raise naming the gap."""
+    if not directory.is_dir():
+        raise DataNotFoundError(f"{what}={directory} is not a directory.\n{HOW_TO_GET}")
+    missing = _missing(directory)
+    if missing:
+        raise DataNotFoundError(
+            f"{what}={directory} lacks {', '.join(missing)} (it must hold all four official "
+            f"files; unset it to use the other sources).\n{HOW_TO_GET}"
+        )
 
 
 def _download(dest: Path) -> Path | None:
@@ -193,9 +211,8 @@ def acquire(
     tried = []
     env = os.environ.get("FASHION_MNIST_DIR")
     if env:
-        if _complete(Path(env)):
-            return Path(env), f"FASHION_MNIST_DIR={env}"
-        tried.append(f"FASHION_MNIST_DIR={env} lacks some of {list(FILES)}")
+        _check_user_dir(Path(env), "FASHION_MNIST_DIR")
+        return Path(env), f"FASHION_MNIST_DIR={env}"
     if _complete(DEBIAN_DIR):
         return DEBIAN_DIR, f"Debian package {DEBIAN_PACKAGE}"
     tried.append(f"{DEBIAN_DIR} not present")
@@ -224,6 +241,8 @@ def prepare(out_dir: str | os.PathLike = DEFAULT_PROCESSED, raw_dir: Path | None
     source = "given directory"
     if raw_dir is None:
         raw_dir, source = acquire()
+    else:
+        _check_user_dir(Path(raw_dir), "raw_dir")
     out_dir = Path(out_dir)
     arrays, official = {}, []
     for name in FILES:
@@ -261,8 +280,21 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> FashionMNIST:
             f"processed Fashion-MNIST missing ({', '.join(missing)}): run `dvc repro data-fashion-mnist` "
             f"(or `python -m core.data.fashion_mnist`).\n{HOW_TO_GET}"
         )
-    train, test = (torch.load(p, weights_only=True) for p in paths)
+    train, test = (_load_split(p) for p in paths)
     return FashionMNIST(train["images"], train["labels"], test["images"], test["labels"])
+
+
+def _load_split(path: Path) -> dict:
+    """One processed split; a truncated or foreign file raises ValueError naming it."""
+    fix = "rebuild it with `dvc repro data-fashion-mnist`"
+    try:
+        split = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError or UnpicklingError
+        raise ValueError(f"{path} is truncated or not a processed split ({err}): {fix}") from None
+    ok = isinstance(split, dict) and {"images", "labels"} <= split.keys()
+    if not ok or split["images"].shape[0] != split["labels"].shape[0]:
+        raise ValueError(f"{path} does not hold matching 'images' and 'labels': {fix}")
+    return split
 
 
 def main(argv: list[str] | None = None) -> int:

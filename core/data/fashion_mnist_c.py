@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 
 from core.data.corruptions import BENCHMARK, HOLDOUT, SEVERITIES, corrupt
 from core.data.fashion_mnist import load_fashion_mnist
-from core.utils.io import atomic_write_bytes, atomic_write_json
+from core.utils.io import atomic_write_bytes, atomic_write_json, load_npy
 
 __all__ = ["DEFAULT_PROCESSED", "corruption_seed", "generate", "load_corruption"]
 
@@ -41,19 +42,30 @@ def corruption_seed(seed: int, name: str, severity: int) -> int:
 def load_corruption(name: str, severity: int, root: str | os.PathLike | None = None):
     """``(images uint8 (N, 28, 28), labels int64 (N,))`` of one corruption at one severity.
 
-    Raises FileNotFoundError saying how to build the data when the stage has not run.
+    Raises FileNotFoundError saying how to build the data when the stage has not run, and
+    ValueError naming the file when it is truncated or its image and label counts differ.
     """
-    root = Path(root) if root is not None else DEFAULT_PROCESSED
-    path = root / f"{name}.npy"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: build it with `dvc repro data-fashion-mnist-c` "
-            "(or `python -m core.data.fashion_mnist_c`)"
-        )
-    if severity not in SEVERITIES:
+    if name not in BENCHMARK + HOLDOUT:
+        raise ValueError(f"unknown corruption {name!r}; known: {', '.join(BENCHMARK + HOLDOUT)}")
+    if not isinstance(severity, numbers.Integral) or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
-    images = np.load(path, mmap_mode="r")[severity - 1]
-    return np.ascontiguousarray(images), np.load(root / "labels.npy")
+    root = Path(root) if root is not None else DEFAULT_PROCESSED
+    fix = (
+        "build it with `dvc repro data-fashion-mnist-c` (or `python -m core.data.fashion_mnist_c`)"
+    )
+    stack = load_npy(root / f"{name}.npy", mmap_mode="r", remedy=fix)
+    labels = load_npy(root / "labels.npy", remedy=fix)
+    if stack.ndim != 4 or stack.shape[0] != len(SEVERITIES) or labels.ndim != 1:
+        raise ValueError(
+            f"{root / f'{name}.npy'}: expected (5, N, H, W) images and (N,) labels, got "
+            f"{stack.shape} and {labels.shape}: {fix}"
+        )
+    if stack.shape[1] != labels.shape[0]:
+        raise ValueError(
+            f"{root}: {name}.npy holds {stack.shape[1]} images per severity but labels.npy "
+            f"{labels.shape[0]} labels (files from different builds?): {fix}"
+        )
+    return np.ascontiguousarray(stack[int(severity) - 1]), labels
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -7,6 +7,11 @@ writes ``datasets/pystdlib/processed/{train,val,test}.jsonl`` (one ``{"path", "t
 plus ``manifest.json`` (files, bytes, sha256, Python version). ``$CORPUS_DIR`` (or the
 ``corpus_dir`` param) replaces the stdlib by any directory of UTF-8 text files; change either and
 run ``dvc repro -f data-pystdlib``, since DVC cannot see a directory outside the repository.
+
+The four files are built in a temporary sibling directory and swapped in together
+(``core.utils.io.atomic_dir``): readers never see splits of two builds. Only regular files are
+read (FIFOs, sockets, devices and dangling links are skipped without being opened); files with a
+NUL byte or invalid UTF-8 are binary and skipped; an unreadable file is an error naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from core.utils.io import atomic_open, atomic_write_json
+from core.utils.io import atomic_dir, json_text
 
 __all__ = ["SPLITS", "build_corpus", "collect_files", "iter_documents", "read_manifest", "split_of"]
 
@@ -49,16 +54,40 @@ def split_of(rel_path: str, val_fraction: float, test_fraction: float) -> str:
 def collect_files(
     root: Path, *, extensions: tuple[str, ...] | None, include_tests: bool
 ) -> list[Path]:
-    """Sorted text files under ``root``; ``extensions=None`` takes every file."""
-    files = []
+    """Sorted regular files under ``root``; ``extensions=None`` takes every file.
+
+    Entries that are not regular files (FIFO, socket, device, dangling symlink) are skipped and
+    listed on stderr: opening a FIFO would block the stage forever.
+    """
+    files, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(
             d for d in dirnames if d not in _SKIP_DIRS and (include_tests or d not in _TEST_DIRS)
         )
         for name in sorted(filenames):
             if extensions is None or name.endswith(extensions):
-                files.append(Path(dirpath) / name)
+                path = Path(dirpath) / name
+                (files if path.is_file() else skipped).append(path)  # is_file follows links
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        print(
+            f"skipped {len(skipped)} entries that are not regular files: {shown}", file=sys.stderr
+        )
     return files
+
+
+def _read_text(path: Path) -> tuple[bytes, str | None]:
+    """(raw bytes, text or None when binary: a NUL byte or invalid UTF-8)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CorpusError(f"cannot read {path}: {err}") from None
+    if b"\x00" in raw:
+        return raw, None
+    try:
+        return raw, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw, None
 
 
 def build_corpus(
@@ -70,7 +99,10 @@ def build_corpus(
     test_fraction: float = 0.05,
     extensions: tuple[str, ...] | None = (".py",),
 ) -> dict:
-    """Write the three JSONL splits and the manifest; return the manifest."""
+    """Write the three JSONL splits and the manifest as one unit; return the manifest."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     if not 0 <= val_fraction + test_fraction < 1:
         raise ValueError(
             f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}"
@@ -80,22 +112,24 @@ def build_corpus(
     else:
         root, kind = Path(source_dir), "directory"
         extensions = None
-        if not root.is_dir():
+        if not root.exists():
             raise CorpusError(f"corpus directory {root} does not exist (CORPUS_DIR / corpus_dir)")
+        if not root.is_dir():
+            raise CorpusError(
+                f"corpus directory {root} is a file, not a directory (CORPUS_DIR / corpus_dir)"
+            )
     files = collect_files(root, extensions=extensions, include_tests=include_tests)
     out_dir = Path(out_dir)
-    records, totals = [], dict.fromkeys(SPLITS, 0)
-    with contextlib.ExitStack() as stack:  # all three splits land together, or none
+    records, totals, binary = [], dict.fromkeys(SPLITS, 0), []
+    with atomic_dir(out_dir) as tmp, contextlib.ExitStack() as stack:
         streams = {
-            s: stack.enter_context(atomic_open(out_dir / f"{s}.jsonl", "w", encoding="utf-8"))
-            for s in SPLITS
+            s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS
         }
         for path in files:
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                continue  # binary or non-UTF-8 file: not text
+            raw, text = _read_text(path)
+            if text is None:
+                binary.append(path)
+                continue
             if not text.strip():
                 continue
             rel = path.relative_to(root).as_posix()
@@ -116,18 +150,21 @@ def build_corpus(
                 + ("" if source_dir else f" with extensions {extensions}")
                 + ": point CORPUS_DIR at a directory of text files"
             )
-    manifest = {
-        "source": kind,
-        "root": str(root),
-        "python_version": sys.version.split()[0],
-        "include_tests": include_tests,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "n_files": {s: sum(r["split"] == s for r in records) for s in SPLITS},
-        "bytes": totals,
-        "files": records,
-    }
-    atomic_write_json(out_dir / "manifest.json", manifest)
+        stack.close()  # the splits are complete before the manifest that describes them
+        manifest = {
+            "source": kind,
+            "root": str(root),
+            "python_version": sys.version.split()[0],
+            "include_tests": include_tests,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "n_files": {s: sum(r["split"] == s for r in records) for s in SPLITS},
+            "bytes": totals,
+            "files": records,
+        }
+        (tmp / "manifest.json").write_text(json_text(manifest), encoding="utf-8")
+    if binary:
+        print(f"skipped {len(binary)} binary or non-UTF-8 files under {root}", file=sys.stderr)
     print(
         f"corpus from {root}: {len(records)} files, {sum(totals.values()) / 1e6:.1f} MB -> {out_dir}"
     )
@@ -143,14 +180,31 @@ def iter_documents(split: str, root: str | os.PathLike | None = None) -> Iterato
         raise FileNotFoundError(
             f"{path} missing: run `dvc repro data-pystdlib` (or `python -m core.data.text_corpus`)"
         )
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)["text"]
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError) as err:  # ValueError: JSON or UTF-8
+                raise ValueError(
+                    f"{path}:{number}: not a {{'path', 'text'}} JSON line ({type(err).__name__}); "
+                    "the file is truncated or foreign: rebuild it with `dvc repro data-pystdlib`"
+                ) from None
+            yield text
 
 
 def read_manifest(root: str | os.PathLike | None = None) -> dict:
-    """The manifest written by :func:`build_corpus`."""
-    return json.loads((Path(root or DEFAULT_PROCESSED) / "manifest.json").read_text())
+    """The manifest written by :func:`build_corpus`; missing or unreadable ones name the fix."""
+    path = Path(root or DEFAULT_PROCESSED) / "manifest.json"
+    fix = "run `dvc repro data-pystdlib` (or `python -m core.data.text_corpus`)"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: {fix}")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as err:
+        raise ValueError(f"{path} is truncated or not JSON ({err}): {fix}") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise ValueError(f"{path} is not a corpus manifest: {fix}")
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.utils.io import load_npy
+
 __all__ = ["load_token_ids"]
 
 
@@ -17,9 +19,13 @@ def load_token_ids(
 ) -> np.ndarray:
     """The ``(n_tokens,)`` id array of ``split``, memory-mapped (no copy into RAM).
 
-    A missing file raises FileNotFoundError naming the path and ``how_to_make`` it.
+    A missing file raises FileNotFoundError, a truncated one ValueError, both naming the path
+    and ``how_to_make`` it.
     """
     path = Path(data_dir) / f"{split}.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing: run {how_to_make}")
-    return np.load(path, mmap_mode="r")
+    array = load_npy(path, mmap_mode="r", remedy=f"run {how_to_make}")
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"{path}: expected a 1-D integer id array, got {array.dtype} {array.shape}"
+        )
+    return array

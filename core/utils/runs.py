@@ -24,15 +24,16 @@ def load_cached(
     path: str | os.PathLike, config: dict[str, Any], requires: Iterable[str | os.PathLike] = ()
 ) -> dict[str, Any] | None:
     """The result stored at ``path`` when its config equals ``config`` (and every file in
-    ``requires`` exists), else None. An unreadable file counts as absent."""
+    ``requires`` exists), else None. An unreadable file (missing, a directory, not UTF-8, not
+    JSON, not a JSON object) counts as absent: the run is simply recomputed."""
     path = Path(path)
-    if not path.exists() or not all(Path(p).exists() for p in requires):
+    if not path.is_file() or not all(Path(p).exists() for p in requires):
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return stored if stored.get("config") == config else None
+    return stored if isinstance(stored, dict) and stored.get("config") == config else None
 
 
 def store_run(path: str | os.PathLike, config: dict[str, Any], result: dict[str, Any]) -> dict:

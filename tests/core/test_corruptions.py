@@ -126,3 +126,51 @@ def test_fashion_mnist_c_generation_round_trip(images, tmp_path):
     np.testing.assert_array_equal(x, np.round(expected * 255).astype(np.uint8))
     with pytest.raises(FileNotFoundError, match="dvc repro data-fashion-mnist-c"):
         load_corruption("fog", 5, tmp_path / "missing")
+
+
+# ---- issue 15: severity types, odd image sizes, truncated or mismatched files ----
+
+
+def test_severity_and_seed_must_be_integers(images):
+    with pytest.raises(TypeError, match="severity must be an int"):
+        corrupt(images[:2], "fog", 2.0)  # passed the `in SEVERITIES` check, then indexed a tuple
+    with pytest.raises(TypeError, match="severity"):
+        corrupt(images[:2], "fog", True)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        corrupt(images[:2], "fog", 2, seed=-1)
+    with pytest.raises(TypeError, match="uint8 or floating"):
+        corrupt(images[:2].astype(np.int64), "fog", 2)
+    np.testing.assert_array_equal(
+        corrupt(images[:2], "fog", np.int64(2)), corrupt(images[:2], "fog", 2)
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (33, 17), (17, 33), (70, 41)])
+def test_every_corruption_handles_any_image_size(name, shape):
+    x = np.random.default_rng(1).integers(0, 256, (2, *shape)).astype(np.uint8)
+    out = corrupt(x, name, 5, seed=3)  # fog / frost broke on 33x17, pixelate on 1x1
+    assert out.shape == x.shape and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_load_corruption_refuses_mismatched_or_truncated_files(images, tmp_path):
+    from core.data.fashion_mnist_c import load_corruption
+
+    stack = np.zeros((5, 100, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "fog.npy", stack)
+    np.save(tmp_path / "labels.npy", np.arange(10, dtype=np.int64))
+    with pytest.raises(ValueError, match="holds 100 images per severity but labels.npy 10"):
+        load_corruption("fog", 1, tmp_path)
+    np.save(tmp_path / "labels.npy", np.arange(100, dtype=np.int64))
+    x, y = load_corruption("fog", np.int64(3), tmp_path)
+    assert x.shape == (100, 28, 28) and y.shape == (100,)
+    data = (tmp_path / "fog.npy").read_bytes()
+    (tmp_path / "fog.npy").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"fog\.npy is truncated.*data-fashion-mnist-c"):
+        load_corruption("fog", 1, tmp_path)
+    for severity in (2.0, 0, 6):
+        with pytest.raises(ValueError, match="severity must be one of"):
+            load_corruption("fog", severity, tmp_path)
+    with pytest.raises(ValueError, match="unknown corruption 'rain'"):
+        load_corruption("rain", 1, tmp_path)

@@ -71,3 +71,50 @@ def test_env_dir_takes_precedence_and_prepare_writes_tensors(monkeypatch, tmp_pa
 def test_loader_says_how_to_build(tmp_path):
     with pytest.raises(fm.DataNotFoundError, match="dvc repro data-fashion-mnist"):
         fm.load_fashion_mnist(tmp_path)
+
+
+# ---- issue 15 item 15: a user-given directory that is wrong is an error, never a fall-through --
+
+
+def _no_other_source(monkeypatch):
+    def forbidden(*_a, **_k):
+        raise AssertionError("fell through to another source")
+
+    monkeypatch.setattr(fm, "_download", forbidden)
+    monkeypatch.setattr(fm, "_apt_install", forbidden)
+    monkeypatch.setattr(fm, "_complete", lambda d: False if d == fm.DEBIAN_DIR else forbidden())
+
+
+def test_incomplete_env_dir_names_the_missing_files_and_tries_nothing_else(monkeypatch, tmp_path):
+    names = list(fm.FILES)
+    for name in names[:2]:
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    _no_other_source(monkeypatch)
+    with pytest.raises(fm.DataNotFoundError, match=f"lacks {names[2]}, {names[3]}"):
+        fm.acquire()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "file"))
+    with pytest.raises(fm.DataNotFoundError, match="is not a directory"):
+        fm.acquire()
+
+
+def test_prepare_with_an_incomplete_raw_dir_names_the_missing_files(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(fm.DataNotFoundError, match=r"raw_dir=.*raw lacks train-images"):
+        fm.prepare(tmp_path / "out", raw_dir=tmp_path / "raw")
+    assert fm.main(["--out", str(tmp_path / "out"), "--raw-dir", str(tmp_path / "raw")]) == 1
+
+
+def test_truncated_processed_split_is_a_named_error(tmp_path):
+    images, labels = torch.zeros(4, 28, 28, dtype=torch.uint8), torch.arange(4)
+    for split in ("train", "test"):
+        torch.save({"images": images, "labels": labels}, tmp_path / f"{split}.pt")
+    assert fm.load_fashion_mnist(tmp_path).x_train.shape == (4, 28, 28)
+    data = (tmp_path / "test.pt").read_bytes()
+    (tmp_path / "test.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"test.pt is truncated.*dvc repro data-fashion-mnist"):
+        fm.load_fashion_mnist(tmp_path)
+    torch.save({"images": images, "labels": labels[:3]}, tmp_path / "test.pt")
+    with pytest.raises(ValueError, match="matching 'images' and 'labels'"):
+        fm.load_fashion_mnist(tmp_path)

@@ -37,3 +37,14 @@ def test_load_cached_needs_equal_config_required_files_and_valid_json(tmp_path):
     assert load_cached(path, {"a": 1, "b": [1, 2]}, requires=[curve]) is not None
     path.write_text('{"config": {"a": 1')  # a torn write from another tool: treated as absent
     assert load_cached(path, {"a": 1}) is None
+
+
+def test_load_cached_treats_every_unreadable_file_as_absent(tmp_path):
+    # issue 15 item 15: non-UTF-8 and non-dict JSON raised although the docstring says absent
+    path = tmp_path / "r.json"
+    for content in (b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"config"', b"3"):
+        path.write_bytes(content)
+        assert load_cached(path, {"a": 1}) is None
+    path.unlink()
+    path.mkdir()  # a directory where the file should be
+    assert load_cached(path, {"a": 1}) is None

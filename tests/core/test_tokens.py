@@ -19,3 +19,14 @@ def test_missing_split_names_the_path_and_how_to_make_it(tmp_path):
         load_token_ids(tmp_path, "train", how_to_make="`make tokens`")
     with pytest.raises(FileNotFoundError, match="cce-tokenizer"):
         load_token_ids(tmp_path, "train")
+
+
+def test_truncated_or_foreign_split_is_a_named_error(tmp_path):
+    np.save(tmp_path / "train.npy", np.arange(1000, dtype=np.uint16))
+    data = (tmp_path / "train.npy").read_bytes()
+    (tmp_path / "train.npy").write_bytes(data[:-10])  # a killed copy
+    with pytest.raises(ValueError, match=r"train\.npy is truncated.*cce-tokenizer"):
+        load_token_ids(tmp_path, "train")
+    np.save(tmp_path / "train.npy", np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="1-D integer id array"):
+        load_token_ids(tmp_path, "train")
