@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.calibration.calibrators import CALIBRATORS, Calibrator, check_fit_inputs
+from core.calibration.calibrators import (
+    CALIBRATORS,
+    Calibrator,
+    _check_int,
+    _check_nonneg,
+    check_fit_inputs,
+)
 
 __all__ = ["VIEW_TRANSFORMS", "CACalibrator", "correctness_aware_loss", "make_views"]
 
@@ -130,8 +136,18 @@ class CACalibrator(Calibrator):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= n_classes:
-            raise ValueError(f"top_k must be in [1, n_classes = {n_classes}], got {top_k}")
+        _check_int("n_classes", n_classes, 2)
+        _check_int("hidden", hidden, 1)
+        _check_int("epochs", epochs, 1)
+        _check_int("seed", seed, 0)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_classes:
+            raise ValueError(f"top_k must be in [1, n_classes = {n_classes}], got {top_k!r}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        _check_nonneg("weight_decay", weight_decay)
+        unknown = [v for v in views if v not in VIEW_TRANSFORMS]
+        if unknown:
+            raise ValueError(f"unknown views {unknown}; known: {sorted(VIEW_TRANSFORMS)}")
         if len(views) < 2:
             raise ValueError(f"need the original and at least one transformed view, got {views}")
         self.n_classes, self.views, self.top_k = n_classes, tuple(views), top_k

@@ -148,3 +148,21 @@ def test_make_views_applies_each_transform():
     torch.testing.assert_close(VIEW_TRANSFORMS["contrast"](flat), flat)
     with pytest.raises(ValueError, match="unknown views"):
         make_views(model, images, views=("identity", "colour_jitter"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"hidden": 0}, "hidden must be an integer >= 1"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr must be"),
+        ({"weight_decay": -1e-4}, "weight_decay must be a finite number >= 0"),
+        ({"top_k": 0}, "top_k must be in"),
+        ({"views": ("identity", "bogus")}, "unknown views"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+    ],
+)
+def test_hyperparameters_are_validated_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CACalibrator(5, **kwargs)
