@@ -1,7 +1,16 @@
-"""Fixtures shared across the test tree."""
+"""Fixtures shared across the test tree, and the hypothesis profile."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI reproducibility: the same examples on every run, no per-example deadline (a shared 2-core
+# machine has noisy timings). HYPOTHESIS_PROFILE=dev explores fresh random examples instead.
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,25 @@
 """Argument checks shared by the loss functions: one message format naming the loss, the argument
-and its allowed range, e.g. ``focal: gamma must be a finite number >= 0, got -1``."""
+and its allowed range, e.g. ``focal: gamma must be a finite number >= 0, got -1``; and the
+half-precision rule (``float32_inside``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["check_class_targets", "check_int", "check_number", "check_reduction"]
+__all__ = [
+    "check_class_targets",
+    "check_int",
+    "check_number",
+    "check_reduction",
+    "float32_inside",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -79,3 +90,24 @@ def check_class_targets(fn: str, logits: object, targets: object) -> torch.Tenso
             f"{fn}: targets must be (N,) = ({logits.shape[0]},), got {tuple(targets.shape)}"
         )
     return targets.long()
+
+
+def float32_inside(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run a loss on fp16 / bf16 tensors in float32 and return the first tensor's dtype.
+
+    In half precision a softmax, a 1e-12 floor or an exp(60) would underflow or overflow inside
+    the loss; float32 maths keeps it right, and autograd casts the gradient back.
+    """
+
+    def up(a: object) -> object:
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        first = args[0] if args else None
+        if not isinstance(first, torch.Tensor) or first.dtype not in _HALF:
+            return fn(*args, **kwargs)
+        out = fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+        return out.to(first.dtype)
+
+    return wrapper

@@ -3,8 +3,8 @@ schedule), mixup (batch mixer + soft-target CE), and RankMixup's MRL and M-NDCG.
 
 Hard-target losses are ``f(logits (N, C), targets (N,), *, reduction="mean", **hp)`` with targets
 of any integer dtype; ``mixup_cross_entropy`` takes soft targets (N, C) from ``mixup_batch``;
-``mrl`` / ``mndcg`` also take the logits and soft targets of the mixed batch(es). Every
-hyperparameter is checked on each call (ValueError naming the loss, the argument and its range).
+``mrl`` / ``mndcg`` also take the logits and soft targets of the mixed batch(es). The loss has the
+logits' dtype, computed in float32 for fp16 / bf16 logits. Every hyperparameter is checked on each call (ValueError naming the loss, the argument and its range).
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.losses._checks import check_class_targets, check_int, check_number, check_reduction
+from core.losses._checks import (
+    check_class_targets,
+    check_int,
+    check_number,
+    check_reduction,
+    float32_inside,
+)
 from core.losses._registry import LOSSES
 
 __all__ = [
@@ -56,6 +62,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 
 
 @LOSSES.register(paper="Szegedy et al. 2016, arXiv:1512.00567")
+@float32_inside
 def label_smoothing(
     logits: Tensor, targets: Tensor, *, smoothing: float = 0.1, reduction: str = "mean"
 ) -> Tensor:
@@ -82,6 +89,7 @@ def _focal_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 @LOSSES.register(paper="Lin et al. 2017, arXiv:1708.02002")
+@float32_inside
 def focal(
     logits: Tensor, targets: Tensor, *, gamma: float = 3.0, reduction: str = "mean"
 ) -> Tensor:
@@ -95,6 +103,7 @@ def focal(
 
 
 @LOSSES.register(paper="Mukhoti et al. 2020, arXiv:2002.09437")
+@float32_inside
 def focal_flsd53(
     logits: Tensor,
     targets: Tensor,
@@ -162,6 +171,7 @@ def mixup_batch(
 
 
 @LOSSES.register(paper="Zhang et al. 2018, arXiv:1710.09412")
+@float32_inside
 def mixup_cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
     """CE against the soft targets of ``mixup_batch``: -sum_c t_c log p_c, which equals
     lam CE(y_a) + (1 - lam) CE(y_b). logits (N, C), targets (N, C). Zhang et al. 2018.
@@ -171,6 +181,7 @@ def mixup_cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "me
 
 
 @LOSSES.register(paper="Noh et al. 2023, arXiv:2308.11990")
+@float32_inside
 def mrl(
     logits: Tensor,
     targets: Tensor,
@@ -197,6 +208,7 @@ def mrl(
 
 
 @LOSSES.register(paper="Noh et al. 2023, arXiv:2308.11990")
+@float32_inside
 def mndcg(
     logits: Tensor,
     targets: Tensor,

@@ -5,7 +5,7 @@ symmetric CE, the spherical Z-loss, and PaLM's log-partition penalty.
 Every loss is ``f(logits (N, C), targets (N,), *, reduction="mean", ignore_index=-100, **hp)``;
 ignored rows contribute 0 and do not count in the mean (as in ``F.cross_entropy``; a mean over no
 kept row is NaN, like torch). Targets may have any integer dtype (compared to ``ignore_index`` as
-int64); the loss has the logits' dtype. Every hyperparameter is checked on each call: a bad one
+int64); the loss has the logits' dtype, computed in float32 for fp16 / bf16 logits. Every hyperparameter is checked on each call: a bad one
 raises ValueError naming the loss, the argument and its allowed range.
 """
 
@@ -16,7 +16,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from core.losses._checks import check_class_targets, check_int, check_number, check_reduction
+from core.losses._checks import (
+    check_class_targets,
+    check_int,
+    check_number,
+    check_reduction,
+    float32_inside,
+)
 from core.losses._registry import LOSSES
 
 __all__ = [
@@ -73,6 +79,7 @@ def _margins(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> torc
 
 
 @LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
+@float32_inside
 def ce(logits, targets, *, reduction="mean", ignore_index=-100):
     """Cross-entropy ``-log softmax(z)_y`` (the comp-sum loss at tau = 1): (N, C), (N,).
 
@@ -84,6 +91,7 @@ def ce(logits, targets, *, reduction="mean", ignore_index=-100):
 
 
 @LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
+@float32_inside
 def comp_sum(logits, targets, *, tau=1.0, reduction="mean", ignore_index=-100):
     """Comp-sum loss ``Phi^tau(sum_{k != y} exp(z_k - z_y))`` with, for u >= 0,
     ``Phi^1(u) = log(1 + u)`` and ``Phi^tau(u) = ((1 + u)^(1 - tau) - 1) / (1 - tau)``.
@@ -103,6 +111,7 @@ def comp_sum(logits, targets, *, tau=1.0, reduction="mean", ignore_index=-100):
 
 
 @LOSSES.register(paper="Zhang & Sabuncu 2018, arXiv:1805.07836")
+@float32_inside
 def gce(logits, targets, *, q=0.7, reduction="mean", ignore_index=-100):
     """Generalised cross-entropy ``(1 - p_y^q) / q`` (q -> 0: CE, q = 1: MAE), = comp_sum(1 + q).
 
@@ -114,6 +123,7 @@ def gce(logits, targets, *, q=0.7, reduction="mean", ignore_index=-100):
 
 
 @LOSSES.register(paper="Ghosh, Kumar & Sastry 2017, arXiv:1712.09482")
+@float32_inside
 def mae(logits, targets, *, reduction="mean", ignore_index=-100):
     """Mean absolute error ``1 - p_y`` as comp-sum at tau = 2 (Mao et al., 2023); this is half
     of Ghosh et al.'s ``||e_y - softmax(z)||_1`` (2017, "Robust Loss Functions under Label
@@ -123,6 +133,7 @@ def mae(logits, targets, *, reduction="mean", ignore_index=-100):
 
 
 @LOSSES.register(paper="Mao, Mohri & Zhong 2023, arXiv:2304.07288")
+@float32_inside
 def adv_comp_sum(
     logits,
     targets,
@@ -156,6 +167,7 @@ def adv_comp_sum(
 
 
 @LOSSES.register(paper="Zhu, Ying & Yang 2023, arXiv:2112.14869")
+@float32_inside
 def ldr_kl(logits, targets, *, lam=1.0, margin=0.1, reduction="mean", ignore_index=-100):
     """LDR-KL: ``max_{p in simplex} sum_k p_k a_k - lam KL(p || 1/C)
     = lam * log((1/C) sum_k exp(a_k / lam))`` with ``a_k = margin [k != y] + z_k - z_y``.
@@ -177,6 +189,7 @@ def ldr_kl(logits, targets, *, lam=1.0, margin=0.1, reduction="mean", ignore_ind
 
 
 @LOSSES.register(paper="Zhu, Ying & Yang 2023, arXiv:2112.14869")
+@float32_inside
 def aldr_kl(
     logits,
     targets,
@@ -221,6 +234,7 @@ def aldr_kl(
 
 
 @LOSSES.register(paper="Zhu, Ying & Yang 2023, arXiv:2112.14869")
+@float32_inside
 def topk_svm(logits, targets, *, k=1, margin=1.0, reduction="mean", ignore_index=-100):
     """Top-k SVM member of the LDR family: ``max_{p in simplex, p_j <= 1/k} sum_j p_j a_j``
     = the mean of the k largest ``a_j = margin [j != y] + z_j - z_y`` (a_y = 0 is among the
@@ -237,6 +251,7 @@ def topk_svm(logits, targets, *, k=1, margin=1.0, reduction="mean", ignore_index
 
 
 @LOSSES.register(paper="Wang et al. 2019, arXiv:1908.06112")
+@float32_inside
 def sce(
     logits, targets, *, alpha=0.1, beta=1.0, log_zero=-4.0, reduction="mean", ignore_index=-100
 ):
@@ -257,6 +272,7 @@ def sce(
 
 
 @LOSSES.register(paper="de Brebisson & Vincent 2016, arXiv:1604.08859")
+@float32_inside
 def spherical_zloss(logits, targets, *, a=0.1, b=10.0, reduction="mean", ignore_index=-100):
     """Z-loss ``(1/a) log(1 + exp(a (b - z_y)))`` on standardised outputs ``z = (o - mu) / sigma``,
     ``mu = mean o``, ``sigma^2 = mean o^2 - mu^2`` (population): shift and scale invariant, a
@@ -277,6 +293,7 @@ def spherical_zloss(logits, targets, *, a=0.1, b=10.0, reduction="mean", ignore_
 
 
 @LOSSES.register(paper="Chowdhery et al. 2022, arXiv:2204.02311")
+@float32_inside
 def logz_penalty(logits, targets, *, coef=1e-4, reduction="mean", ignore_index=-100):
     """Log-partition regulariser ``coef * (log sum_k exp z_k)^2`` that keeps the softmax
     normaliser near 1; add it to a main loss. Not the spherical Z-loss above.

@@ -343,3 +343,23 @@ def test_aldr_kl_grid_of_one_is_ldr_kl_at_the_lower_end():
     ldr = get_loss("ldr_kl")(x, y, lam=0.5, reduction="none")
     penalty = 2 * math.log(7) / 2 * (0.5 - 1.0) ** 2
     torch.testing.assert_close(one, ldr - penalty)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_are_computed_in_float32_and_returned_in_their_dtype(name, dtype):
+    x, y = _data(scale=2.0)
+    half = x.to(dtype).requires_grad_()
+    out = _call(name, half, y)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, _call(name, half.detach().float(), y).to(dtype))
+    (grad,) = torch.autograd.grad(out, half)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+
+def test_spherical_zloss_with_one_class_in_fp16_is_not_nan():
+    # found by tests/core/test_properties.py: sigma's 1e-12 floor underflowed to 0 in fp16
+    x = torch.tensor([[1.541]], dtype=torch.float16)
+    out = get_loss("spherical_zloss")(x, torch.tensor([0]))
+    ref = get_loss("spherical_zloss")(x.double(), torch.tensor([0]))
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-3)
