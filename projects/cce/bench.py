@@ -10,7 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from projects.cce.common import arg_parser, load_params
+from core.engine.config import entry_parser, parse_entry
+from projects.cce import DEFAULT_PARAMS
 
 
 def bench_command(cfg: dict) -> list[str]:
@@ -27,8 +28,8 @@ def bench_command(cfg: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = arg_parser(__doc__).parse_args(argv)
-    cmd = bench_command(load_params(args.params)["bench"])
+    _, params, _ = parse_entry(entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS), argv)
+    cmd = bench_command(params["bench"])
     print("bench:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

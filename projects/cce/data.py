@@ -1,4 +1,4 @@
-"""Corpus access and deterministic fixed-length windows over the tokenized splits.
+"""Deterministic fixed-length windows over the tokenized splits (``cce-tokenizer``'s arrays).
 
 Both training runs (torch CE and CCE) draw the same window starts from a seeded generator,
 so they see identical batches in identical order.
@@ -6,7 +6,6 @@ so they see identical batches in identical order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core.data.tokens import load_token_ids
-
-SPLITS = ("train", "val")
-
-
-def corpus_documents(split: str, root: str | Path | None = None) -> Iterator[str]:
-    """Documents of the ``data-pystdlib`` corpus (``core.data.text_corpus``)."""
-    from core.data.text_corpus import iter_documents
-
-    return iter_documents(split, root=root)
 
 
 class TokenWindows(Dataset):

@@ -1,26 +1,45 @@
-"""Stage cce-report: README results table, loss-curve plot, torch-vs-CCE agreement check.
+"""Stage cce-report: README results, loss-curve figure, DVC metrics, torch-vs-CCE agreement.
 
-Reads ``<results>/{torch,cce}/metrics.json`` and the loss CSVs written by the train stages and
-the kernel benchmark's ``results.md``; writes ``<results>/loss_curves.png``,
-``<results>/report.json`` and the ``<!-- results:start/end -->`` section of the README.
+Reads ``<results>/{torch,cce}/run.json`` (the train stages' records) and the kernel benchmark's
+``results.md`` / ``results.json`` (``bench.out``); writes ``<results>/loss_curves.png``,
+``<results>/report.json`` (agreement, run figures, bench target verdicts), the flat DVC metrics
+``<results>/metrics.json`` and the ``<!-- results:start/end -->`` section of the README.
 Paper numbers (Wijmans et al. 2024, arXiv:2411.09009, Table 1) are quoted as theirs.
 """
 
 from __future__ import annotations
 
-import csv
+import argparse
 import json
 import os
 from pathlib import Path
 
-from core.utils.io import atomic_open, atomic_write_json, replace_marked_section
-from projects.cce.common import LOSS_IMPLS, arg_parser, load_params
+from core.engine.config import entry_parser, parse_entry
+from core.report.figures import plt, save_figure
+from core.report.metrics import write_metrics
+from core.report.tables import fmt, markdown_table
+from core.utils.io import atomic_write_json, replace_marked_section
+from projects.cce import DEFAULT_PARAMS, LOSS_IMPLS
 
-AGREEMENT_TOL = 0.01  # final val loss / perplexity of the two runs must agree within 1% relative
 # Issue targets for the CPU path at the main benchmark size (N 4096, V 65536, D 512, fp32):
 MEMORY_TARGET = 1.25  # peak above the inputs / gradient buffers ((N + V) x D floats)
 BOUND_TARGET = 1.3  # time / (6 N V D flops at the measured sgemm rate)
 PEER_TARGET = 1.0  # time / the fastest peer's time (median over interleaved rounds)
+RUN_FIGURES = (  # the run.json fields report.json keeps (history and identity stay in run.json)
+    "steps",
+    "tokens_per_step",
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_ppl",
+    "tokens_per_s",
+    "tokens_per_s_steps",
+    "peak_memory_mb",
+    "peak_memory_kind",
+    "wall_s",
+    "n_params",
+    "device",
+    "torch_threads",
+)
 
 # Paper Table 1: A100-SXM4-80GB, N=8192, V=256000, D=2304 (Gemma 2 2B), bf16; loss+grad.
 PAPER_TABLE1 = [
@@ -34,32 +53,35 @@ PAPER_TABLE1 = [
 ]
 
 
-def read_curve(path: Path) -> tuple[list[int], list[float]]:
-    """``(steps, losses)`` from a ``step,loss`` CSV."""
-    with open(path, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
-
-
 def relative_diff(a: float, b: float) -> float:
     """``|a - b| / |b|``."""
     return abs(a - b) / abs(b)
 
 
-def plot_curves(results: Path, out: Path) -> None:
+def agreement(runs: dict[str, dict], tol: float) -> dict:
+    """CCE vs torch: relative differences of the final val loss and perplexity, and whether
+    both are below ``tol``. One seed, identical batches: the two runs differ only by the loss
+    implementation's rounding, so this is an equivalence check, not a comparison over seeds."""
+    if not 0 < tol < 1:
+        raise ValueError(f"report.agreement_tol must lie in (0, 1), got {tol!r}")
+    cce, ref = runs["cce"], runs["torch"]
+    out = {
+        "val_loss_rel_diff": relative_diff(cce["final_val_loss"], ref["final_val_loss"]),
+        "val_ppl_rel_diff": relative_diff(cce["final_val_ppl"], ref["final_val_ppl"]),
+    }
+    out["within_tolerance"] = max(out.values()) < tol
+    return out
+
+
+def plot_curves(runs: dict[str, dict], out: Path) -> None:
     """Train (per step) and validation loss of both runs on one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"torch": ("tab:blue", "-"), "cce": ("tab:orange", "--")}
     for impl in LOSS_IMPLS:
         color, ls = styles[impl]
-        steps, loss = read_curve(results / impl / "train_loss.csv")
+        steps, loss = zip(*runs[impl]["history"]["train"], strict=True)
         ax.plot(steps, loss, color=color, ls=ls, lw=1.2, label=f"{impl} train")
-        vsteps, vloss = read_curve(results / impl / "val_loss.csv")
+        vsteps, vloss = zip(*runs[impl]["history"]["val"], strict=True)
         ax.plot(vsteps, vloss, color=color, ls=ls, marker="o", ms=5, lw=0, label=f"{impl} val")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
@@ -67,31 +89,69 @@ def plot_curves(results: Path, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_open(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
-def runs_table(m: dict[str, dict], agree: dict) -> str:
+def runs_table(runs: dict[str, dict], agree: dict, tol: float) -> str:
     """Markdown table of the two training runs plus the agreement line."""
-    mem_kind = m["torch"]["peak_memory_kind"]
-    lines = [
-        f"| loss | final val loss | val perplexity | train tokens/s | peak memory ({mem_kind}, MB) |",
-        "|---|---:|---:|---:|---:|",
+    r0 = runs["torch"]
+    header = [
+        "loss",
+        "final val loss",
+        "val perplexity",
+        "train tokens/s",
+        f"peak memory ({r0['peak_memory_kind']}, MB)",
+        "run wall s",
     ]
-    for impl in LOSS_IMPLS:
-        r = m[impl]
-        lines.append(
-            f"| {impl} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.2f} "
-            f"| {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} |"
-        )
+    rows = [
+        [
+            impl,
+            fmt(r["final_val_loss"], 4),
+            fmt(r["final_val_ppl"], 2),
+            fmt(r["tokens_per_s"], 0),
+            fmt(r["peak_memory_mb"], 0),
+            fmt(r["wall_s"], 0),
+        ]
+        for impl, r in ((i, runs[i]) for i in LOSS_IMPLS)
+    ]
     verdict = "agree" if agree["within_tolerance"] else "DO NOT agree"
-    lines.append(
-        f"\nRelative difference CCE vs torch: val loss {100 * agree['val_loss_rel_diff']:.3f}%, "
-        f"perplexity {100 * agree['val_ppl_rel_diff']:.3f}% -> the runs {verdict} "
-        f"within {100 * AGREEMENT_TOL:.0f}%."
+    steps = r0["tokens_per_s_steps"]
+    where = f"over steps {steps[0]}-{steps[1]}" if steps else "not measured (too few steps)"
+    return "\n".join(
+        [
+            markdown_table(header, rows),
+            "",
+            f"Relative difference CCE vs torch: val loss {100 * agree['val_loss_rel_diff']:.3f}%, "
+            f"perplexity {100 * agree['val_ppl_rel_diff']:.3f}% -> the runs {verdict} "
+            f"within {100 * tol:g}%. Train tokens/s: Lightning's ThroughputMonitor {where} "
+            f"(validation excluded); run wall s: the whole run, validations included.",
+        ]
     )
-    return "\n".join(lines)
+
+
+def headline_metrics(runs: dict[str, dict], agree: dict, targets: dict) -> dict:
+    """The flat DVC metrics: per impl val loss, perplexity, tokens/s, peak MB; the agreement;
+    per chunked bench variant its memory, 6NVD-bound and fastest-peer ratios."""
+    per_impl = {
+        "val_loss": "final_val_loss",
+        "val_ppl": "final_val_ppl",
+        "tokens_per_s": "tokens_per_s",
+        "peak_mb": "peak_memory_mb",
+    }
+    out: dict = {k: {i: runs[i][f] for i in LOSS_IMPLS} for k, f in per_impl.items()}
+    out["rel_diff"] = {"val_loss": agree["val_loss_rel_diff"], "val_ppl": agree["val_ppl_rel_diff"]}
+    bench = {}
+    for method, t in targets.items():
+        vs = t["vs_fastest_peer"] or {}
+        bench[method.replace(".", "_")] = {
+            "mem": t["mem_vs_grad_buffers"],
+            "bound": t["time_vs_bound"],
+            "bound_cpu": t["cpu_time_vs_bound"],
+            "peer": vs.get("wall_median"),
+            "peer_cpu": vs.get("cpu_median"),
+        }
+    out["bench"] = bench
+    return out
 
 
 def bench_targets(bench: dict) -> dict:
@@ -152,43 +212,49 @@ def targets_text(targets: dict, v: int) -> str:
 
 
 def paper_table() -> str:
-    lines = [
-        "| method (paper, A100-80GB) | loss+grad memory (MB) | loss+grad time (ms) |",
-        "|---|---:|---:|",
-    ]
-    lines += [f"| {name} | {mem} | {ms} |" for name, mem, ms in PAPER_TABLE1]
-    return "\n".join(lines)
+    """The paper's Table 1 (theirs), as Markdown."""
+    return markdown_table(
+        ["method (paper, A100-80GB)", "loss+grad memory (MB)", "loss+grad time (ms)"],
+        PAPER_TABLE1,
+    )
+
+
+def load_runs(results: Path) -> dict[str, dict]:
+    """``{impl: run record}`` from ``<results>/<impl>/run.json``."""
+    return {
+        impl: json.loads((results / impl / "run.json").read_text(encoding="utf-8"))
+        for impl in LOSS_IMPLS
+    }
 
 
 def build_report(params: dict, readme: str | Path) -> dict:
-    """Write the plot, report.json and the README section; return the agreement summary."""
+    """Write the figure, report.json, metrics.json and the README section; return the
+    agreement summary."""
     results = Path(params["paths"]["results"])
-    m = {impl: json.loads((results / impl / "metrics.json").read_text()) for impl in LOSS_IMPLS}
-    agree = {
-        "val_loss_rel_diff": relative_diff(
-            m["cce"]["final_val_loss"], m["torch"]["final_val_loss"]
-        ),
-        "val_ppl_rel_diff": relative_diff(m["cce"]["final_val_ppl"], m["torch"]["final_val_ppl"]),
-    }
-    agree["within_tolerance"] = max(agree.values()) < AGREEMENT_TOL
-    plot_curves(results, results / "loss_curves.png")
+    tol = params["report"]["agreement_tol"]
+    runs = load_runs(results)
+    agree = agreement(runs, tol)
+    plot_curves(runs, results / "loss_curves.png")
 
     bench_dir = Path(params["bench"]["out"])
     bench_md = (bench_dir / "results.md").read_text(encoding="utf-8").strip()
     bench = json.loads((bench_dir / "results.json").read_text(encoding="utf-8"))
     targets = bench_targets(bench)
+    figures = {i: {k: runs[i][k] for k in RUN_FIGURES} for i in LOSS_IMPLS}
     atomic_write_json(
-        results / "report.json", {"agreement": agree, "runs": m, "bench_targets": targets}
+        results / "report.json", {"agreement": agree, "runs": figures, "bench_targets": targets}
     )
+    write_metrics(results / "metrics.json", headline_metrics(runs, agree, targets))
     readme_dir = Path(readme).resolve().parent
     plot_link = Path(os.path.relpath((results / "loss_curves.png").resolve(), readme_dir))
     bench_plot = Path(os.path.relpath((bench_dir / "memory_time_vs_v.png").resolve(), readme_dir))
-    r0 = m["torch"]
+    r0 = runs["torch"]
     body = "\n\n".join(
         [
             f"### Training runs ({r0['steps']} steps x {r0['tokens_per_step']} tokens, "
-            f"{r0['n_params'] / 1e6:.1f} M params, device {r0['device']})",
-            runs_table(m, agree),
+            f"{r0['n_params'] / 1e6:.1f} M params, device {r0['device']}, "
+            f"{r0['torch_threads']} threads)",
+            runs_table(runs, agree, tol),
             f"![loss curves]({plot_link.as_posix()})",
             "### Loss + gradient benchmark (ours, this machine)",
             bench_md,
@@ -203,11 +269,16 @@ def build_report(params: dict, readme: str | Path) -> dict:
     return agree
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = arg_parser(__doc__).parse_args(argv)
-    params = load_params(args.params)
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line (the engine's: ``--params``, ``--variant``, ``--set``, ...)."""
+    return entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    _, params, _ = parse_entry(build_parser(), argv)
     agree = build_report(params, params["report"]["readme"])
     print(f"report: {agree}")
+    return agree
 
 
 if __name__ == "__main__":

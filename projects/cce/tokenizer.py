@@ -8,6 +8,7 @@ merges, which keeps the stage to seconds; the whole corpus is then encoded.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,11 +16,13 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from core.data.text_corpus import iter_documents
+from core.engine.config import entry_parser, parse_entry
 from core.utils.io import atomic_open, atomic_write_json, atomic_write_text
-from projects.cce.common import arg_parser, load_params
-from projects.cce.data import SPLITS, corpus_documents
+from projects.cce import DEFAULT_PARAMS
 
 EOS = "<|endoftext|>"
+SPLITS = ("train", "val")  # the splits the training runs read (test stays unread)
 
 
 def byte_capped(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -67,7 +70,7 @@ def build(data_cfg: dict, out_dir: str | Path, corpus_root: str | Path | None = 
     """Train the tokenizer and write ``tokenizer.json``, ``<split>.npy`` and ``meta.json``."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    sample = byte_capped(corpus_documents("train", corpus_root), data_cfg["tokenizer_sample_bytes"])
+    sample = byte_capped(iter_documents("train", corpus_root), data_cfg["tokenizer_sample_bytes"])
     tok = train_tokenizer(sample, data_cfg["vocab_size"])
     atomic_write_text(out_dir / "tokenizer.json", tok.to_str())
     meta = {
@@ -77,7 +80,7 @@ def build(data_cfg: dict, out_dir: str | Path, corpus_root: str | Path | None = 
         "tokens": {},
     }
     for split in SPLITS:
-        ids = encode_documents(tok, corpus_documents(split, corpus_root))
+        ids = encode_documents(tok, iter_documents(split, corpus_root))
         with atomic_open(out_dir / f"{split}.npy", "wb") as f:
             np.save(f, ids)
         meta["tokens"][split] = int(ids.size)
@@ -86,11 +89,16 @@ def build(data_cfg: dict, out_dir: str | Path, corpus_root: str | Path | None = 
     return meta
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = arg_parser(__doc__).parse_args(argv)
-    p = load_params(args.params)
-    meta = build(p["data"], p["paths"]["data"], p["paths"].get("corpus"))
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line (the engine's: ``--params``, ``--variant``, ``--set``, ...)."""
+    return entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    _, p, _ = parse_entry(build_parser(), argv)
+    meta = build(p["data"], p["paths"]["data"], p["paths"]["corpus"])
     print(f"tokenizer: {meta}")
+    return meta
 
 
 if __name__ == "__main__":

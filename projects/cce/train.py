@@ -3,29 +3,41 @@
 ``--loss-impl torch`` materialises the ``(B*T, V)`` logits and calls ``F.cross_entropy``;
 ``--loss-impl cce`` calls ``core.losses.linear_cross_entropy(hidden, head_weight, targets)``
 (Cut Cross-Entropy, Wijmans et al. 2024, arXiv:2411.09009), which never builds the logits.
-Same seed, same init, same batches. Writes to ``paths.results/<impl>/``: ``metrics.json``
-(final val loss/perplexity, tokens/s, peak memory), ``train_loss.csv``, ``val_loss.csv``;
-checkpoints and DVCLive logs go to ``paths.runs/<impl>/``.
+Same seed, same init, same batches. The run goes through ``core.engine.trainer.fit``
+(checkpoints, DVCLive logs and ``identity.json`` in ``paths.runs/<impl>/``) inside
+``core.engine.cache.cached_run``: ``paths.results/<impl>/run.json`` holds the measured figures
+(final val loss/perplexity, tokens/s, peak memory, wall time) and the loss history under the
+run's identity (params sub-tree, loss impl, token arrays, imported code); the loss CSVs are
+written from it. A rerun under the same identity trains nothing; a changed param starts fresh.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import resource
-import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ThroughputMonitor
 
+from core.engine.cache import cached_run
+from core.engine.config import entry_parser, parse_entry
+from core.engine.identity import run_config
+from core.engine.trainer import Run, fit, seed_everything
 from core.models.gpt import GPT, GPTConfig
 from core.optim import adamw_warmup_cosine
-from core.training import build_trainer, fit_resumable, seed_everything
-from core.utils.io import atomic_open, atomic_write_json
-from projects.cce.common import LOSS_IMPLS, arg_parser, load_params
+from core.utils.io import atomic_open
+from projects.cce import DEFAULT_PARAMS, LOSS_IMPLS
 from projects.cce.data import make_loaders
+
+WARMUP_STEPS = 3  # steps left out of tokens/s (first-call allocations, lazy inits)
+TOKENS_PER_S = "train/device/items_per_sec"  # ThroughputMonitor's key (items = tokens)
+IDENTITY_KEYS = ("seed", "model", "optim", "train", "trainer")  # params that decide a run
 
 
 class LMModule(L.LightningModule):
@@ -38,6 +50,7 @@ class LMModule(L.LightningModule):
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model_cfg))
         self.loss_impl, self.optim_cfg = loss_impl, optim_cfg
+        self.flops_per_token = flops_per_token(self.model)
         self.history: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,6 +68,7 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(*batch)
+        self.flops_per_batch = batch[0].numel() * self.flops_per_token  # ThroughputMonitor
         self.history["train"].append((self.global_step, loss.item()))
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -80,26 +94,28 @@ class LMModule(L.LightningModule):
         self.history = checkpoint.get("loss_history", self.history)
 
 
-class Throughput(L.Callback):
-    """Training tokens/s over the steps after ``skip`` warm-up steps, and peak memory."""
+def flops_per_token(model: GPT) -> int:
+    """Training FLOPs per token, forward + backward: ``6 N + 12 L D T`` (Chowdhery et al.
+    2022, PaLM, App. B), N the parameters without the position embedding; for MFU."""
+    cfg = model.cfg
+    n = model.num_params() - model.pos_emb.weight.numel()
+    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def __init__(self, skip: int = 3) -> None:
-        self.skip, self.tokens, self.seconds, self.steps, self._t0 = skip, 0, 0.0, 0, 0.0
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+def tokens_per_s_steps(max_steps: int, log_every_n_steps: int) -> tuple[int, int]:
+    """The steps tokens/s is measured over: after ``WARMUP_STEPS``, up to the last logged one."""
+    return WARMUP_STEPS + 1, max_steps // log_every_n_steps * log_every_n_steps
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.steps += 1
-        if self.steps > self.skip:
-            self.seconds += time.perf_counter() - self._t0
-            self.tokens += batch[0].numel()
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else float("nan")
+def throughput_monitor(first: int, last: int) -> ThroughputMonitor:
+    """Lightning's ThroughputMonitor with tokens as items; its window (one time stamp per step
+    end, from step ``first - 1`` to ``last``) makes the value logged at step ``last`` (key
+    ``TOKENS_PER_S``) the tokens/s of steps ``first..last``."""
+    return ThroughputMonitor(
+        batch_size_fn=lambda batch: batch[0].shape[0],  # windows per batch
+        length_fn=lambda batch: batch[0].numel(),  # tokens per batch
+        window_size=max(2, last - first + 2),
+    )
 
 
 def peak_memory_mb(device: torch.device) -> tuple[str, float]:
@@ -110,17 +126,17 @@ def peak_memory_mb(device: torch.device) -> tuple[str, float]:
 
 
 def write_csv(path: Path, rows: list[tuple[int, float]]) -> None:
+    """A ``step,loss`` CSV (the DVC plot of the loss curves reads it)."""
     with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows((s, f"{v:.6f}") for s, v in rows)
 
 
-def run(params: dict, loss_impl: str) -> dict:
-    """Train with ``loss_impl`` and write the metrics JSON and loss CSVs; returns the metrics."""
+def train(params: dict, loss_impl: str, run: Run) -> dict[str, Any]:
+    """Train (or resume) ``run`` with ``loss_impl``; returns its figures and loss history."""
     seed_everything(params["seed"])
     paths, tcfg = params["paths"], params["trainer"]
-    run_dir, res_dir = Path(paths["runs"]) / loss_impl, Path(paths["results"]) / loss_impl
     module = LMModule(params["model"], params["optim"], loss_impl)
     train_dl, val_dl = make_loaders(
         paths["data"],
@@ -129,44 +145,68 @@ def run(params: dict, loss_impl: str) -> dict:
         tcfg["max_steps"],
         params["seed"],
     )
-    meter = Throughput()
-    trainer = build_trainer(tcfg, run_dir, callbacks=[meter])
-    if trainer.strategy.root_device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    fit_resumable(
-        trainer, module, out_dir=run_dir, train_dataloaders=train_dl, val_dataloaders=val_dl
+    steps = tokens_per_s_steps(tcfg["max_steps"], tcfg.get("log_every_n_steps", 50))
+    trainer = fit(
+        module,
+        tcfg,
+        run,
+        callbacks=[throughput_monitor(*steps)],
+        train_dataloaders=train_dl,
+        val_dataloaders=val_dl,
     )
-    wall = time.perf_counter() - t0
+    tokens_per_s = trainer.logged_metrics.get(TOKENS_PER_S)  # absent when a resume was short
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
     mem_kind, mem_mb = peak_memory_mb(trainer.strategy.root_device)
-    metrics = {
+    return {
         "loss_impl": loss_impl,
         "steps": trainer.global_step,
         "tokens_per_step": params["train"]["batch_size"] * params["model"]["block_size"],
         "final_train_loss": module.history["train"][-1][1],
         "final_val_loss": val_loss,
         "final_val_ppl": math.exp(val_loss),
-        "tokens_per_s": meter.tokens_per_s,
+        "tokens_per_s": None if tokens_per_s is None else float(tokens_per_s),
+        "tokens_per_s_steps": None if tokens_per_s is None else list(steps),
         "peak_memory_mb": mem_mb,
         "peak_memory_kind": mem_kind,
-        "fit_wall_s": wall,
         "n_params": module.model.num_params(),
         "device": str(trainer.strategy.root_device),
         "torch_threads": torch.get_num_threads(),
+        "history": module.history,
     }
-    write_csv(res_dir / "train_loss.csv", module.history["train"])
-    write_csv(res_dir / "val_loss.csv", module.history["val"])
-    atomic_write_json(res_dir / "metrics.json", metrics)
-    return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = arg_parser(__doc__)
+def run(params: dict, loss_impl: str) -> dict[str, Any]:
+    """The run record of ``loss_impl`` (reused while its identity holds, else trained), with
+    its loss CSVs written beside it in ``paths.results/<impl>/``."""
+    if loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+    paths = params["paths"]
+    res_dir = Path(paths["results"]) / loss_impl
+    config = run_config({k: params[k] for k in IDENTITY_KEYS} | {"loss_impl": loss_impl})
+    data = [Path(paths["data"]) / f"{split}.npy" for split in ("train", "val")]
+    r = Run(Path(paths["runs"]) / loss_impl, config, data, name=f"cce-train-{loss_impl}")
+    record = cached_run(res_dir / "run.json", config, lambda: train(params, loss_impl, r), data)
+    write_csv(res_dir / "train_loss.csv", record["history"]["train"])
+    write_csv(res_dir / "val_loss.csv", record["history"]["val"])
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line: the engine's options plus ``--loss-impl``."""
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
     parser.add_argument("--loss-impl", choices=LOSS_IMPLS, required=True)
-    args = parser.parse_args(argv)
-    metrics = run(load_params(args.params), args.loss_impl)
-    print(metrics)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, params, mach = parse_entry(build_parser(), argv)
+    torch.set_num_threads(mach.threads)
+    record = run(params, args.loss_impl)
+    shown = {k: v for k, v in record.items() if k not in ("identity", "history")}
+    print(f"cce-train-{args.loss_impl}: {shown}", flush=True)
+    return record
 
 
 if __name__ == "__main__":

@@ -1,23 +1,30 @@
-"""projects.cce: tokenizer, data windows, LM module (torch CE vs CCE), bench CLI, report, params."""
+"""projects.cce: tokenizer, data windows, LM module (torch CE vs CCE), entry points, params and
+the gpu variant, tokens/s and FLOPs, run identity of a real train stage, report."""
 
 import json
 import math
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import throughput_monitor as tm_module
+from torch.utils.data import DataLoader
 
-from core.models.gpt import GPTConfig
-from core.training import _TRAINER_KEYS
+from core.engine import variants
+from core.engine.config import load_params, parse_entry
+from core.engine.trainer import TRAINER_KEYS, build_trainer
+from core.models.gpt import GPT, GPTConfig
+from projects.cce import bench, report, tokenizer, train
 from projects.cce.bench import bench_command
-from projects.cce.common import load_params
 from projects.cce.data import TokenWindows
-from projects.cce.report import build_report, relative_diff
+from projects.cce.report import build_report, headline_metrics, relative_diff
 from projects.cce.tokenizer import EOS, byte_capped, encode_documents, train_tokenizer
-from projects.cce.train import LMModule
+from projects.cce.train import LMModule, flops_per_token, throughput_monitor, tokens_per_s_steps
 
-PROJECT = Path(__file__).resolve().parents[2] / "projects" / "cce"
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = ROOT / "projects" / "cce"
 TINY_MODEL = dict(vocab_size=67, block_size=16, n_layer=1, n_head=2, n_embd=24)
 OPTIM = dict(lr=1e-3, betas=[0.9, 0.95], weight_decay=0.1, warmup_steps=1, min_lr_ratio=0.1)
 DOCS = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os  # ünïcode ok\n"] * 5
@@ -82,6 +89,50 @@ def test_module_cce_and_torch_same_loss_and_grads(tie):
 def test_module_rejects_unknown_impl():
     with pytest.raises(ValueError, match="loss_impl"):
         LMModule(TINY_MODEL, OPTIM, "liger")
+    with pytest.raises(ValueError, match="loss_impl"):
+        train.run({}, "liger")
+
+
+def test_flops_per_token_by_hand():
+    """PaLM's 6 N + 12 L D T, N without the position embedding, for a model small enough to
+    count by hand: V 10, T 4, D 8, 1 layer, tied head."""
+    cfg = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8, tie_weights=True)
+    model = GPT(cfg)
+    # tok_emb 10*8; per block: 2 LN (2*2*8), qkv 8*24 + 24, proj 8*8 + 8, MLP 8*32 + 32 and
+    # 32*8 + 8; final LN 2*8. (GPT's bias default is on; the test checks that count first.)
+    n = 80 + 32 + (192 + 24) + (64 + 8) + (256 + 32) + (256 + 8) + 16
+    assert model.num_params() - model.pos_emb.weight.numel() == n
+    assert flops_per_token(model) == 6 * n + 12 * 1 * 8 * 4
+
+
+def test_tokens_per_s_window_by_hand(tmp_path, monkeypatch):
+    """The tokens/s the train stage reads is the ThroughputMonitor's value for steps 4..last
+    logged step: with a clock where step k lasts k seconds, steps 4..10 of 12 (logged every 5)
+    took 4 + ... + 10 = 49 s for 7 x 2 x 8 tokens."""
+    assert tokens_per_s_steps(120, 10) == (4, 120)
+    assert tokens_per_s_steps(12, 5) == (4, 10)
+    clock = types.SimpleNamespace(now=0.0, calls=0)
+
+    def perf_counter():  # called once at train start, then once per step end
+        clock.now += clock.calls
+        clock.calls += 1
+        return clock.now
+
+    monkeypatch.setattr(tm_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    windows = TokenWindows(np.arange(500, dtype=np.uint16) % 67, 8, 24, seed=0)
+    module = LMModule({**TINY_MODEL, "block_size": 8}, OPTIM, "torch")
+    cfg = {"accelerator": "cpu", "devices": 1, "max_steps": 12, "log_every_n_steps": 5}
+    trainer = build_trainer(cfg, tmp_path, callbacks=[throughput_monitor(4, 10)], checkpoint=False)
+    trainer.fit(module, DataLoader(windows, batch_size=2))
+    assert trainer.logged_metrics[train.TOKENS_PER_S] == pytest.approx(7 * 2 * 8 / 49)
+
+
+@pytest.mark.parametrize("module", [tokenizer, train, bench, report])
+def test_entry_point_help(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    assert "--params" in capsys.readouterr().out
 
 
 def test_bench_command_from_params():
@@ -100,37 +151,113 @@ def test_bench_command_from_params():
     assert cmd[-2:] == ["--methods", "cce_chunked,peer_torch_compile"]
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-gpu.yaml"])
-def test_params_sets_are_consistent(name):
-    """Both params sets have the same keys, build a valid GPTConfig and only known trainer keys."""
-    p = load_params(PROJECT / name)
-    default = load_params(PROJECT / "params.yaml")
-    assert {k: sorted(v) if isinstance(v, dict) else None for k, v in p.items()} == {
-        k: sorted(v) if isinstance(v, dict) else None for k, v in default.items()
+OUTPUTS = ("paths.data", "paths.runs", "paths.results", "bench.out", "report.readme_section")
+
+
+def _get(params: dict, dotted: str):
+    for key in dotted.split("."):
+        params = params[key]
+    return params
+
+
+@pytest.mark.parametrize("variant", [None, "gpu"])
+def test_every_stage_parses_the_params_and_variant(variant):
+    """Each entry point's parser reads the defaults and the gpu variant; the merged params
+    build a GPTConfig, carry only known trainer keys and a bench command; the variant's
+    outputs never land on the defaults' (so `make exp` cannot overwrite them)."""
+    argv = ["--params", str(PROJECT / "params.yaml")] + (["--variant", variant] if variant else [])
+    parsers = {
+        "tokenizer": tokenizer.build_parser(),
+        "train": train.build_parser(),
+        "report": report.build_parser(),
     }
+    merged = {}
+    for name, parser in parsers.items():
+        extra = ["--loss-impl", "cce"] if name == "train" else []
+        _, merged[name], mach = parse_entry(parser, argv + extra)
+        assert mach.threads >= 1
+    p = merged["train"]
+    assert merged["tokenizer"] == merged["report"] == p
     GPTConfig(**p["model"])
     assert p["model"]["vocab_size"] >= p["data"]["vocab_size"]
-    assert set(p["trainer"]) <= _TRAINER_KEYS
+    assert set(p["trainer"]) <= TRAINER_KEYS and "enable_progress_bar" not in p["trainer"]
+    assert bench_command(p["bench"])[2] == "kernels.cce.benchmark"
+    assert 0 < p["report"]["agreement_tol"] < 1
+    if variant:
+        default = load_params(PROJECT / "params.yaml")
+        for key in OUTPUTS:
+            assert _get(p, key) != _get(default, key), key
+        assert p["trainer"]["accelerator"] == "gpu" and p["model"]["vocab_size"] == 256000
+
+
+def test_gpu_variant_runs_as_a_dvc_experiment():
+    cmd = variants.exp_command("cce", "gpu")
+    assert cmd[:6] == ["dvc", "exp", "run", "--temp", "-n", "cce-gpu"]
+    assert 'projects/cce/params.yaml:paths.results="projects/cce/gpu/results"' in cmd
+    assert cmd[-1] == "projects/cce/dvc.yaml"
+
+
+# --- the run identity of a real train stage -------------------------------------------------
+
+
+def _tiny_params(tmp_path: Path) -> Path:
+    """A params file for a ~1 s run on random token arrays (no tokenizer needed)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2000), ("val", 500)):
+        np.save(data / f"{split}.npy", rng.integers(0, 67, n).astype(np.uint16))
+    p = load_params(PROJECT / "params.yaml")
+    p["paths"] |= {k: str(tmp_path / k) for k in ("data", "runs", "results")}
+    p["model"] |= TINY_MODEL
+    p["train"] |= {"batch_size": 2, "val_windows": 4, "val_batch_size": 2}
+    p["trainer"] |= {"max_steps": 6, "val_check_interval": 3, "log_every_n_steps": 3}
+    path = tmp_path / "params.yaml"
+    path.write_text(json.dumps(p))  # JSON is YAML
+    return path
+
+
+def test_train_stage_identity(tmp_path, capsys):
+    """A rerun with other machine knobs trains nothing; a changed optim param starts fresh
+    (not restored from the finished run's checkpoint)."""
+    args = ["--params", str(_tiny_params(tmp_path)), "--loss-impl", "cce"]
+    first = train.main(args)
+    assert not first["cached"] and first["steps"] == 6 and len(first["history"]["train"]) == 6
+    assert first["tokens_per_s"] > 0 and first["tokens_per_s_steps"] == [4, 6]
+    ckpt = tmp_path / "runs" / "cce" / "checkpoints" / "last.ckpt"
+    mtime = ckpt.stat().st_mtime_ns
+    csv = (tmp_path / "results" / "cce" / "train_loss.csv").read_text()
+
+    again = train.main(args + ["--set", "machine.threads=1", "--set", "machine.workers=3"])
+    assert again["cached"] and ckpt.stat().st_mtime_ns == mtime
+    assert again["final_val_loss"] == first["final_val_loss"]
+    assert (tmp_path / "results" / "cce" / "train_loss.csv").read_text() == csv
+
+    capsys.readouterr()
+    changed = train.main(args + ["--set", "optim.lr=0.003"])
+    assert "starting fresh (config changed" in capsys.readouterr().out
+    assert not changed["cached"] and len(changed["history"]["train"]) == 6
+    assert changed["final_val_loss"] != first["final_val_loss"]
+    assert changed["identity"]["config"]["optim"]["lr"] == 0.003
+
+
+# --- report -----------------------------------------------------------------------------------
 
 
 def _write_run(results: Path, impl: str, val_loss: float) -> None:
     d = results / impl
     d.mkdir(parents=True)
-    (d / "train_loss.csv").write_text("step,loss\n0,5.0\n1,4.0\n")
-    (d / "val_loss.csv").write_text(f"step,loss\n1,{val_loss}\n")
-    m = dict(final_val_loss=val_loss, final_val_ppl=math.exp(val_loss), tokens_per_s=100.0)
-    m |= dict(peak_memory_mb=500.0, peak_memory_kind="cpu_peak_rss", steps=2, tokens_per_step=64)
-    m |= dict(n_params=1000, device="cpu")
-    (d / "metrics.json").write_text(json.dumps(m))
+    r = dict(final_val_loss=val_loss, final_val_ppl=math.exp(val_loss), tokens_per_s=100.0)
+    r |= dict(peak_memory_mb=500.0, peak_memory_kind="cpu_peak_rss", steps=2, tokens_per_step=64)
+    r |= dict(n_params=1000, device="cpu", torch_threads=2, wall_s=3.0, final_train_loss=4.0)
+    r |= dict(tokens_per_s_steps=[4, 2], history={"train": [[0, 5.0], [1, 4.0]], "val": [[1, 4]]})
+    (d / "run.json").write_text(json.dumps(r))
 
 
-def test_report_table_agreement_and_readme(tmp_path):
-    results, bench = tmp_path / "results", tmp_path / "results" / "bench"
-    _write_run(results, "torch", 4.0)
-    _write_run(results, "cce", 4.1)  # 2.5% apart: must be flagged
+def _bench(bench: Path) -> None:
     bench.mkdir()
     (bench / "results.md").write_text("| method | MB |\n|---|---|\n| cce | 1 |\n")
-    rounds = {"cce_chunked": (4.0, 3.9, 4.2), "peer_torch_compile": (3.8, 4.0, 4.0)}
+    rounds = {"cce_chunked@1.5": (4.0, 3.9, 4.2), "peer_torch_compile": (3.8, 4.0, 4.0)}
     rows = []
     for method, walls in rounds.items():
         row = {"method": method, "n": 8, "v": 16, "d": 4, "fwd_bwd_s": sorted(walls)[1]}
@@ -138,19 +265,25 @@ def test_report_table_agreement_and_readme(tmp_path):
         row |= {"cpu_time_vs_bound": 1.19, "mem_vs_grad_buffers": 1.24}
         row["rounds"] = [{"fwd_bwd_s": w, "fwd_bwd_cpu_s": 2 * w} for w in walls]
         rows.append(row)
-    meta = {"v": 16}
-    (bench / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    (bench / "results.json").write_text(json.dumps({"meta": {"v": 16}, "rows": rows}))
+
+
+def test_report_table_agreement_metrics_and_readme(tmp_path):
+    results, bench = tmp_path / "results", tmp_path / "results" / "bench"
+    _write_run(results, "torch", 4.0)
+    _write_run(results, "cce", 4.1)  # 2.5% apart: must be flagged
+    _bench(bench)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nfooter\n")
     params = {"paths": {"results": str(results)}, "bench": {"out": str(bench)}}
-    params["report"] = {"readme": str(readme), "readme_section": "results"}
+    params["report"] = {"readme": str(readme), "readme_section": "results", "agreement_tol": 0.01}
     agree = build_report(params, readme)
     assert agree["val_loss_rel_diff"] == pytest.approx(0.025)
     assert agree["val_ppl_rel_diff"] == pytest.approx(math.exp(0.1) - 1)
     assert not agree["within_tolerance"]
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("footer\n") and "old" not in text
-    assert "| cce | 4.1000 | 60.34 |" in text and "DO NOT agree" in text
+    assert "| cce | 4.1000 | 60.34 | 100 | 500 | 3 |" in text and "DO NOT agree" in text
     assert "28000" in text and "theirs" in text  # paper Table 1, labelled
     # targets: memory 1.24 <= 1.25 and bound 1.19 <= 1.3 met; peer: median of 4.0/3.8, 3.9/4.0
     # and 4.2/4.0 = 1.05 > 1 -> not met, ours faster in one round of three
@@ -158,11 +291,40 @@ def test_report_table_agreement_and_readme(tmp_path):
     assert "(target <= 1.3: met)" in text
     assert "median 1.050 x wall time" in text and "faster in 1 of 3" in text
     assert "(target <= 1.0: NOT met)" in text
-    report = json.loads((results / "report.json").read_text())
-    assert report["bench_targets"]["cce_chunked"]["met"] == {
+    report_json = json.loads((results / "report.json").read_text())
+    assert report_json["bench_targets"]["cce_chunked@1.5"]["met"] == {
         "memory": True,
         "bound": True,
         "peer": False,
     }
+    assert "history" not in report_json["runs"]["cce"]
+    m = json.loads((results / "metrics.json").read_text())
+    assert m["val_loss"] == {"torch": 4.0, "cce": 4.1} and m["tokens_per_s"]["cce"] == 100.0
+    assert m["rel_diff"]["val_loss"] == pytest.approx(0.025)
+    assert m["bench"]["cce_chunked@1_5"]["peer"] == pytest.approx(1.05)
+    assert m["bench"]["cce_chunked@1_5"]["mem"] == 1.24
     assert (results / "loss_curves.png").stat().st_size > 1000
     assert relative_diff(1.0, 2.0) == 0.5
+    # within tolerance once the tolerance is wide enough; a tolerance outside (0, 1) is refused
+    params["report"]["agreement_tol"] = 0.2
+    assert build_report(params, readme)["within_tolerance"]
+    params["report"]["agreement_tol"] = 1.0
+    with pytest.raises(ValueError, match="agreement_tol"):
+        build_report(params, readme)
+
+
+def test_headline_metrics_without_peer_timings():
+    runs = {i: {"final_val_loss": 1.0, "final_val_ppl": math.e} for i in ("torch", "cce")}
+    runs = {i: r | {"tokens_per_s": None, "peak_memory_mb": 9.0} for i, r in runs.items()}
+    agree = {"val_loss_rel_diff": 0.0, "val_ppl_rel_diff": 0.0}
+    t = {"mem_vs_grad_buffers": 1.2, "time_vs_bound": 1.1, "cpu_time_vs_bound": 1.1}
+    m = headline_metrics(runs, agree, {"cce_chunked": t | {"vs_fastest_peer": None}})
+    assert m["bench"]["cce_chunked"]["peer"] is None and m["tokens_per_s"]["torch"] is None
+
+
+def test_runs_table_when_tokens_per_s_was_not_measured():
+    run = dict(final_val_loss=1.0, final_val_ppl=math.e, tokens_per_s=None, peak_memory_mb=9.0)
+    run |= dict(peak_memory_kind="cpu_peak_rss", wall_s=2.0, tokens_per_s_steps=None)
+    agree = {"val_loss_rel_diff": 0.0, "val_ppl_rel_diff": 0.0, "within_tolerance": True}
+    text = report.runs_table({"torch": run, "cce": run}, agree, 0.01)
+    assert "| cce | 1.0000 | 2.72 | — | 9 | 2 |" in text and "not measured" in text

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from core.data.text_corpus import build_corpus
+from core.engine.config import load_params
 from projects.cce import bench, report, tokenizer, train
-from projects.cce.common import load_params
 
 PROJECT = Path(__file__).resolve().parents[2] / "projects" / "cce"
 
@@ -27,11 +27,11 @@ def test_pipeline_end_to_end(tmp_path):
     p["data"] = {"vocab_size": 512, "tokenizer_sample_bytes": 50_000}
     p["model"] |= {"vocab_size": 512, "block_size": 32, "n_layer": 1, "n_embd": 32, "n_head": 2}
     p["train"] |= {"batch_size": 4, "val_windows": 8, "val_batch_size": 4}
-    p["trainer"] |= {"max_steps": 8, "val_check_interval": 4}
+    p["trainer"] |= {"max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 4}
     p["bench"] |= {"out": str(tmp_path / "results" / "bench"), "n": 64, "v": 256, "d": 16}
     p["bench"] |= {"sweep": [128, 256], "repeats": 1}
     readme = tmp_path / "README.md"
-    p["report"] = {"readme": str(readme), "readme_section": "results"}
+    p["report"] |= {"readme": str(readme), "readme_section": "results"}
     (tmp_path / "params.yaml").write_text(json.dumps(p))  # JSON is YAML
     args = ["--params", str(tmp_path / "params.yaml")]
 
@@ -44,13 +44,15 @@ def test_pipeline_end_to_end(tmp_path):
     report.main(args)
 
     m = {
-        i: json.loads((tmp_path / "results" / i / "metrics.json").read_text())
-        for i in ("torch", "cce")
+        i: json.loads((tmp_path / "results" / i / "run.json").read_text()) for i in ("torch", "cce")
     }
     assert m["torch"]["steps"] == m["cce"]["steps"] == 8
+    assert m["cce"]["tokens_per_s"] > 0 and m["cce"]["tokens_per_s_steps"] == [4, 8]
     assert m["cce"]["final_val_loss"] == pytest.approx(m["torch"]["final_val_loss"], rel=1e-3)
     agreement = json.loads((tmp_path / "results" / "report.json").read_text())["agreement"]
     assert agreement["within_tolerance"]
     text = readme.read_text()
     assert "<!-- results:start -->" in text and "| cce |" in text
     assert (tmp_path / "results" / "bench" / "results.json").exists()
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["val_loss"]["cce"] == m["cce"]["final_val_loss"]
