@@ -6,34 +6,44 @@ Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXi
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from core.losses._registry import LOSSES
 from kernels.cce.api import IMPLS, linear_cross_entropy_impl
+from kernels.chunking import check_options
 
-REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _real(name: str, value, allowed: str, ok) -> None:
+    """A real number (not a bool) for which ``ok(value)`` holds, else TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if not ok(float(value)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 def _validate(
-    e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, impl, memory_target
-):
-    if memory_target is not None and not (
-        isinstance(memory_target, float | int) and 1.0 < memory_target < float("inf")
-    ):
-        raise ValueError(
-            f"memory_target must be None or a finite number > 1 (x the gradient buffers), "
-            f"got {memory_target!r}"
-        )
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, return_lse, impl,
+    memory_target,
+) -> None:  # fmt: skip
+    check_options(
+        reduction=reduction, ignore_index=ignore_index, memory_target=memory_target, impl=impl,
+        impls=IMPLS,
+    )  # fmt: skip
+    for name, x in (("e", e), ("c", c), ("targets", targets), ("bias", bias)):
+        if not (isinstance(x, torch.Tensor) or (name == "bias" and x is None)):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if c.ndim != 2 or e.ndim < 1:
         raise ValueError(
             f"expected e (..., D) and c (V, D), got e {tuple(e.shape)}, c {tuple(c.shape)}"
         )
+    if c.shape[0] == 0:
+        raise ValueError(f"c (V, D) needs V >= 1 classes, got {tuple(c.shape)}")
     if e.shape[-1] != c.shape[1]:
         raise ValueError(
             f"hidden size mismatch: e {tuple(e.shape)} has D={e.shape[-1]}, "
@@ -43,8 +53,6 @@ def _validate(
         raise ValueError(
             f"targets {tuple(targets.shape)} must match e's leading dims {tuple(e.shape[:-1])}"
         )
-    if shift and targets.ndim < 1:
-        raise ValueError("shift=True needs targets with a time dimension (..., T)")
     if e.dtype not in FLOAT_DTYPES or c.dtype != e.dtype:
         raise ValueError(f"e and c must share a float dtype, got e {e.dtype}, c {c.dtype}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -59,20 +67,35 @@ def _validate(
     devices = {k: str(t.device) for k, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
-    if not (filter_eps in (None, "auto", "high") or isinstance(filter_eps, float | int)):
-        raise ValueError(f"filter_eps must be None, 'auto', 'high' or a float, got {filter_eps!r}")
+    if not isinstance(shift, bool | numbers.Integral) or shift < 0:
+        raise TypeError(f"shift must be a bool or an int >= 0, got {shift!r}")
+    if shift and (targets.ndim < 1 or shift >= targets.shape[-1]):
+        time = targets.shape[-1] if targets.ndim else 0
+        raise ValueError(
+            f"shift must lie in [0, T) = [0, {time}) (targets' last dim), got {shift!r}"
+        )
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if softcap is not None:
+        _real("softcap", softcap, "None or a finite number > 0", lambda x: 0 < x < math.inf)
+    if filter_eps not in (None, "auto", "high"):
+        _real(
+            "filter_eps",
+            filter_eps,
+            "None, 'auto', 'high' or a number in [0, 1)",
+            lambda x: 0 <= x < 1,
+        )
     v = c.shape[0]
-    bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
+    t = targets.to(torch.int64)  # uint8 ids would wrap a negative ignore_index
+    bad = ((t < 0) | (t >= v)) & (t != ignore_index)
     if bool(bad.any()):
-        value = int(targets[bad][0])
+        value = int(t[bad][0])
         raise ValueError(
             f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; found {value}"
         )
 
 
-@LOSSES.register("linear_cross_entropy")
+@LOSSES.register(paper="Wijmans et al. 2024, arXiv:2411.09009")
 def linear_cross_entropy(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -82,7 +105,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     softcap: float | None = None,
     reduction: str = "mean",
-    shift: bool = False,
+    shift: bool | int = False,
     filter_eps: float | str | None = "auto",
     return_lse: bool = False,
     impl: str = "auto",
@@ -91,30 +114,22 @@ def linear_cross_entropy(
     """Cross-entropy of ``e @ c.T + bias`` against ``targets`` without materialising the logits.
 
     e (..., D) hidden states, c (V, D) classifier, targets (...) ids (``ignore_index`` skipped),
-    bias (V,). Returns the loss: a scalar for "mean" (over non-ignored tokens) / "sum", shaped
-    like targets for "none" ((..., T - 1) with ``shift``); with ``return_lse`` also the
-    differentiable per-token LSE (0 on ignored tokens; for z-loss). fp16/bf16 inputs accumulate
-    in fp32. ``softcap``: cap * tanh(x / cap) (Gemma 2); ``shift``: e[..., :-1, :] predicts
-    targets[..., 1:]; ``filter_eps``: the Triton backward's gradient-filter threshold (ignored
-    on CPU). ``impl``: "auto" (CUDA -> Triton, CPU -> chunked), "chunked", "triton",
-    "reference" (materialised, tests only). ``memory_target`` (chunked path only): the peak
-    memory above the inputs as a multiple of the gradient buffers ((N + V) x D), default 1.25;
-    a larger value buys bigger token chunks, i.e. longer and faster GEMMs.
+    bias (V,). Returns the loss in fp32 (fp64 for fp64 inputs; fp16/bf16 accumulate in fp32): a
+    scalar for "mean" (over non-ignored tokens) / "sum", shaped like targets for "none"
+    ((..., T - k) with ``shift`` k); with ``return_lse`` also the differentiable per-token LSE
+    (0 on ignored tokens; for z-loss). ``softcap``: cap * tanh(x / cap) (Gemma 2); ``shift`` k
+    (True = 1): e[..., :-k, :] predicts targets[..., k:]; ``filter_eps`` in [0, 1): the Triton
+    backward's gradient-filter threshold (unused on the chunked path). ``impl``: "auto" (CUDA
+    -> Triton, CPU or float64 -> chunked), "chunked", "triton", "reference" (materialised,
+    tests only). ``memory_target`` (the chunked path's; refused with impl "triton" or
+    "reference", unused when "auto" picks Triton): the peak memory above the inputs as a multiple
+    of the gradient buffers ((N + V) x D), default 1.25; more buys bigger chunks, faster GEMMs.
     Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
     """
     _validate(
-        e,
-        c,
-        targets,
-        bias,
-        ignore_index,
-        softcap,
-        reduction,
-        shift,
-        filter_eps,
-        impl,
+        e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, return_lse, impl,
         memory_target,
-    )
+    )  # fmt: skip
     return linear_cross_entropy_impl(
         e,
         c,
@@ -142,7 +157,7 @@ class LinearCrossEntropy(nn.Module):
         ignore_index: int = -100,
         softcap: float | None = None,
         reduction: str = "mean",
-        shift: bool = False,
+        shift: bool | int = False,
         filter_eps: float | str | None = "auto",
         return_lse: bool = False,
         impl: str = "auto",

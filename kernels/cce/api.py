@@ -1,8 +1,10 @@
 """Dispatch for Cut Cross-Entropy: flatten/shift the inputs, pick the path, shape the outputs.
 
-impl="auto": CUDA tensors -> Triton kernels, CPU tensors -> the chunked PyTorch path; it never
-picks the materialised reference. impl="triton" on CPU needs TRITON_INTERPRET=1 set before the
-kernel modules are imported (triton.jit reads it at decoration time).
+impl="auto": CUDA tensors -> Triton kernels (float64 -> the chunked path: the kernels compute in
+fp32), CPU tensors -> the chunked PyTorch path; it never picks the materialised reference.
+impl="triton" on CPU needs TRITON_INTERPRET=1 set before the kernel modules are imported
+(triton.jit reads it at decoration time). Every path returns the loss and LSE in fp32 (fp64
+for fp64 inputs) whatever the input dtype: a half-precision sum of per-token losses overflows.
 
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """
@@ -15,6 +17,7 @@ import torch
 
 from kernels.cce.chunked import chunked_linear_cross_entropy
 from kernels.cce.reference import reference_linear_cross_entropy
+from kernels.chunking import acc_dtype, first_order
 
 IMPLS = ("auto", "chunked", "triton", "reference")
 
@@ -26,10 +29,13 @@ def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> fl
     return None if filter_eps is None else float(filter_eps)
 
 
-def _check_triton_available(device: torch.device) -> None:
-    if device.type == "cuda":
-        return
-    if os.environ.get("TRITON_INTERPRET") != "1":
+def _check_triton_available(device: torch.device, dtype: torch.dtype) -> None:
+    if dtype == torch.float64:
+        raise ValueError(
+            "impl='triton' computes in fp32 and would round float64 inputs; use impl='chunked' "
+            "(or 'auto') for float64"
+        )
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"impl='triton' needs a CUDA tensor (got device {device}); on CPU set "
             "TRITON_INTERPRET=1 before importing kernels.cce (Triton interpreter, slow)."
@@ -44,6 +50,7 @@ class _TritonCCE(torch.autograd.Function):
         from kernels.cce.triton_fwd import cce_forward
 
         e, c = e.contiguous(), c.contiguous()
+        bias = bias.contiguous() if bias is not None else None  # the kernels read it unstrided
         rows = (targets != ignore_index).nonzero().squeeze(1)  # (R,)
         lse_r, tgt_logit, avg = cce_forward(e, c, bias, targets, rows, softcap, sort)
         n = targets.numel()
@@ -56,9 +63,10 @@ class _TritonCCE(torch.autograd.Function):
         ctx.opts = (softcap, reduction, filter_eps)
         scale = 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0
         out = loss if reduction == "none" else loss.sum() * scale
-        return out.to(e.dtype), lse.to(e.dtype)
+        return out, lse
 
     @staticmethod
+    @first_order
     def backward(ctx, g_loss, g_lse):
         from kernels.cce.triton_bwd import cce_backward
 
@@ -85,7 +93,7 @@ def linear_cross_entropy_impl(
     ignore_index: int = -100,
     softcap: float | None = None,
     reduction: str = "mean",
-    shift: bool = False,
+    shift: bool | int = False,
     filter_eps: float | str | None = "auto",
     return_lse: bool = False,
     impl: str = "auto",
@@ -96,27 +104,30 @@ def linear_cross_entropy_impl(
     """Cut Cross-Entropy on validated inputs: e (..., D), c (V, D), targets (...), bias (V,).
 
     Returns the loss (scalar, or shaped like ``targets`` for "none") and with ``return_lse`` the
-    per-token LSE shaped like ``targets``. With ``shift`` e[..., :-1, :] predicts
-    targets[..., 1:] without copying e, and per-token outputs have shape (..., T - 1) (as in
-    cut_cross_entropy). ``chunk_size`` / ``memory_target``: the chunked path's rows per chunk,
-    or the peak memory it may use as a multiple of the gradient buffers (default 1.25).
-    Wijmans et al. 2024, arXiv 2411.09009.
+    per-token LSE shaped like ``targets``, both fp32 (fp64 for fp64 inputs). ``shift`` k (True
+    = 1): e[..., :-k, :] predicts targets[..., k:] without copying e, and per-token outputs have
+    shape (..., T - k) (as in cut_cross_entropy). ``chunk_size`` / ``memory_target``: the
+    chunked path's rows per chunk, or the peak memory it may use as a multiple of the gradient
+    buffers (default 1.25). Wijmans et al. 2024, arXiv 2411.09009.
     """
-    d = c.shape[1]
-    e2 = e.reshape(-1, d)  # (N, D), a view when e is contiguous
-    if shift:
-        pad = targets.new_full((*targets.shape[:-1], 1), ignore_index)
-        t = torch.cat([targets[..., 1:], pad], dim=-1).reshape(-1)  # (N,)
+    d, k = c.shape[1], int(shift)
+    targets = targets.to(torch.int64)  # uint8 ids would wrap ignore_index (-100 -> 156)
+    e2 = e.reshape(targets.numel(), d)  # (N, D), a view when e is contiguous
+    if k:
+        pad = targets.new_full((*targets.shape[:-1], k), ignore_index)
+        t = torch.cat([targets[..., k:], pad], dim=-1).reshape(-1)  # (N,)
     else:
-        t = targets.reshape(-1)
+        t = targets.reshape(-1).contiguous()  # Triton reads the ids unstrided
     if impl == "auto":
-        impl = "triton" if e.device.type == "cuda" else "chunked"
+        cuda = e.device.type == "cuda" and e.dtype != torch.float64
+        impl = "triton" if cuda else "chunked"
     if impl == "chunked":
-        loss, lse = chunked_linear_cross_entropy(
+        out = chunked_linear_cross_entropy(
             e2, c, t, bias, ignore_index, softcap, reduction, return_lse, chunk_size, memory_target
         )
+        loss, lse = out if return_lse else (out, None)
     elif impl == "triton":
-        _check_triton_available(e.device)
+        _check_triton_available(e.device, e.dtype)
         eps = resolve_filter_eps(filter_eps, e.dtype)
         loss, lse = _TritonCCE.apply(
             e2, c, bias, t, ignore_index, softcap, reduction, eps, sort_vocab
@@ -125,12 +136,13 @@ def linear_cross_entropy_impl(
         loss, lse = reference_linear_cross_entropy(
             e2, c, t, bias, ignore_index, softcap, reduction, return_lse
         )
+        loss, lse = loss.to(acc_dtype(e.dtype)), lse.to(acc_dtype(e.dtype))
     else:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
     def per_token(x: torch.Tensor) -> torch.Tensor:
         x = x.view(targets.shape)
-        return x[..., :-1] if shift else x
+        return x[..., :-k] if k else x
 
     if reduction == "none":
         loss = per_token(loss)

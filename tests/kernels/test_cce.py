@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from core.losses import LOSSES, LinearCrossEntropy, linear_cross_entropy
-from kernels.cce.chunked import MEMORY_TARGET, pick_chunk_size
 from kernels.cce.reference import reference_linear_cross_entropy
+from kernels.chunking import MEMORY_TARGET, pick_chunk_size
 from tests.kernels.cce_helpers import (
     assert_tolerance_rule,
     impl_fn,
@@ -159,7 +159,7 @@ def test_chunk_size_respects_memory_budget():
 
 def test_memory_target_changes_chunks_not_results(monkeypatch):
     """A larger memory_target means fewer, bigger chunks and the same loss and gradients."""
-    import kernels.cce.chunked as chunked
+    import kernels.chunking as chunked
 
     seen = []
     sweep = chunked._sweep
@@ -236,22 +236,115 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         ({"c": torch.zeros(20, 4, dtype=torch.float64)}, "float dtype"),
         ({"b": torch.zeros(21)}, r"bias \(21,\)"),
         ({"c": torch.zeros(20, 4, device="meta")}, "one device"),
+        ({"e": torch.zeros(8, 4).numpy()}, "e must be a torch.Tensor"),
+        ({"c": torch.zeros(0, 4)}, "V >= 1"),
         ({"reduction": "avg"}, "reduction"),
         ({"impl": "cuda"}, "impl"),
+        ({"ignore_index": None}, "ignore_index"),
+        ({"ignore_index": -100.0}, "ignore_index"),
         ({"softcap": 0.0}, "softcap"),
+        ({"softcap": float("inf")}, "softcap"),
+        ({"softcap": float("nan")}, "softcap"),
+        ({"softcap": "30"}, "softcap"),
+        ({"filter_eps": -1}, "filter_eps"),
+        ({"filter_eps": float("nan")}, "filter_eps"),
+        ({"filter_eps": True}, "filter_eps"),
+        ({"filter_eps": 1e9}, "filter_eps"),
+        ({"filter_eps": "low"}, "filter_eps"),
+        ({"shift": -1}, "shift"),
+        ({"shift": 1.5}, "shift"),
+        ({"return_lse": "yes"}, "return_lse"),
         ({"memory_target": 1.0}, "memory_target"),
         ({"memory_target": float("inf")}, "memory_target"),
         ({"memory_target": "1.5"}, "memory_target"),
+        ({"memory_target": 1.5, "impl": "reference"}, "memory_target"),
     ],
 )
-def test_bad_inputs_raise_value_error(kwargs, match):
+def test_bad_inputs_raise_a_named_error(kwargs, match):
     args = {"e": torch.zeros(8, 4), "c": torch.zeros(20, 4), "t": torch.zeros(8, dtype=torch.long)}
     args["b"] = None
-    keys = ("reduction", "impl", "softcap", "memory_target")
-    opts = {k: kwargs.pop(k) for k in keys if k in kwargs}
+    keys = ("reduction", "impl", "softcap", "memory_target", "ignore_index", "filter_eps")
+    opts = {k: kwargs.pop(k) for k in (*keys, "shift", "return_lse") if k in kwargs}
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         linear_cross_entropy(args["e"], args["c"], args["t"], bias=args["b"], **opts)
+
+
+def test_shift_beyond_the_time_axis_is_refused():
+    e, c, t = torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"shift must lie in \[0, T\) = \[0, 3\)"):
+        linear_cross_entropy(e, c, t, shift=3)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_integer_shift_k_predicts_k_steps_ahead(k):
+    """shift=k (the authors' bool | int): e[..., :-k, :] predicts targets[..., k:]."""
+    g = torch.Generator().manual_seed(4)
+    e = torch.randn(4, 16, 6, generator=g, dtype=torch.float64)
+    c = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 30, (4, 16), generator=g)
+    t[0, 9] = -100
+    loss = linear_cross_entropy(e, c, t, shift=k, reduction="none")
+    assert loss.shape == (4, 16 - k)
+    ref, _ = reference_linear_cross_entropy(
+        e[:, :-k].reshape(-1, 6), c, t[:, k:].reshape(-1), reduction="none"
+    )
+    torch.testing.assert_close(loss, ref.view(4, 16 - k), rtol=1e-12, atol=1e-12)
+    mean = linear_cross_entropy(e, c, t, shift=k)
+    torch.testing.assert_close(mean, ref.sum() / (t[:, k:] != -100).sum(), rtol=1e-12, atol=0)
+
+
+def test_uint8_targets_keep_every_class():
+    """ignore_index=-100 must not wrap to 156 in uint8: class 156 counts (byte-level LMs)."""
+    e, c, _, _ = make_inputs(8, 200, 5, torch.float64, ignore="none")
+    t = torch.full((8,), 156, dtype=torch.uint8)
+    got = linear_cross_entropy(e, c, t)
+    want, _ = reference_linear_cross_entropy(e, c, t.long())
+    assert want > 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_half_inputs_return_a_finite_fp32_loss(reduction):
+    """fp16: per-token losses ~1e5 and their sum overflow fp16 (max 65504); the loss is fp32."""
+    g = torch.Generator().manual_seed(5)
+    e = torch.randn(64, 8, generator=g, dtype=torch.float64) * 100
+    c = torch.randn(50, 8, generator=g, dtype=torch.float64) * 100
+    t = torch.randint(0, 50, (64,), generator=g)
+    got = linear_cross_entropy(e.half(), c.half(), t, reduction=reduction)
+    want, _ = reference_linear_cross_entropy(
+        e.half(), c.half(), t, reduction=reduction, compute_dtype=torch.float64
+    )
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert want.max() > 65504  # the fp16 maximum
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
+def test_double_backward_is_refused():
+    """The fused loss is differentiable once: a gradient penalty must fail, not drop a term."""
+    e, c, t, _ = make_inputs(10, 30, 4, torch.float64)
+    e.requires_grad_()
+    for reduction in ("mean", "none"):
+        loss = linear_cross_entropy(e, c, t, reduction=reduction, impl="chunked").sum()
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(loss, e, create_graph=True)
+
+
+def test_empty_rows_and_empty_hidden_size():
+    """N = 0: zero loss / empty per-token loss; D = 0: every logit is 0 (+ bias), loss log V."""
+    c = torch.randn(7, 3, dtype=torch.float64)
+    e0 = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    t0 = torch.zeros(0, dtype=torch.long)
+    assert linear_cross_entropy(e0, c, t0).item() == 0.0
+    assert linear_cross_entropy(e0, c, t0, reduction="none").shape == (0,)
+    e = torch.zeros(4, 0, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64)
+    t = torch.tensor([0, 3, 6, -100])
+    loss = linear_cross_entropy(e, torch.zeros(7, 0, dtype=torch.float64), t, bias=b)
+    want = (torch.logsumexp(b, 0) - b[t[:3]]).mean()
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert e.grad.shape == (4, 0)
 
 
 def test_auto_never_uses_the_materialised_reference(monkeypatch):

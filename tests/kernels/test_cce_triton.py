@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from core.losses import linear_cross_entropy
+from kernels.cce.reference import reference_linear_cross_entropy
 from tests.kernels.cce_helpers import (
     TOL,
     assert_tolerance_rule,
@@ -80,3 +82,35 @@ def test_filtering_skips_tiles():
     skipped, *_ = _run(torch.float32, filter_eps=2.0, sort_vocab=True)
     torch.testing.assert_close(skipped[0], plain[0])
     assert (skipped[1] == 0).all() and (skipped[2] == 0).all()
+
+
+def test_triton_reads_strided_targets_and_bias():
+    """A (N,) slice of a (N, 3) token array and a strided bias: the kernels must honour strides."""
+    e, c, _, _ = make_inputs(N, V, D, torch.float32, ignore="none")
+    g = torch.Generator().manual_seed(3)
+    t3 = torch.randint(0, V, (N, 3), generator=g)
+    b2 = torch.randn(V, 2, generator=g)
+    t, b = t3[:, 0], b2[:, 1]  # strides 3 and 2
+    assert not t.is_contiguous() and not b.is_contiguous()
+    got = linear_cross_entropy(e, c, t, bias=b, impl="triton")
+    want, _ = reference_linear_cross_entropy(
+        e, c, t.contiguous(), b.contiguous(), compute_dtype=torch.float64
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_loss_is_fp32_and_float64_is_refused():
+    e, c, t, _ = make_inputs(N, V, D, torch.bfloat16)
+    loss, lse = linear_cross_entropy(e, c, t, impl="triton", reduction="none", return_lse=True)
+    assert loss.dtype == lse.dtype == torch.float32
+    e64, c64, t64, _ = make_inputs(N, V, D, torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        linear_cross_entropy(e64, c64, t64, impl="triton")
+
+
+def test_triton_double_backward_is_refused():
+    e, c, t, _ = make_inputs(N, V, D, torch.float32)
+    e.requires_grad_()
+    loss = linear_cross_entropy(e, c, t, impl="triton")
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, e, create_graph=True)
