@@ -273,3 +273,15 @@ def test_degenerate_fit_input_is_refused_by_name(name, logits, labels, error, ma
 def test_hyperparameters_are_validated_at_construction(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_matrix_penalty_follows_the_rescaled_fit_exactly():
+    # fit(c z, lam) and fit(z, lam / c^2) are one problem (V = c W): the rescaled fit must keep
+    # penalising W itself, not the weights on z / 2^k
+    logits, labels = FIT[0][:600], FIT[1][:600]
+    c = 2.0**20  # above the 2^16 rescale threshold
+    big = MatrixScaling(off_diagonal=1.0 * c**2, bias=0.0).fit(logits * c, labels)
+    small = MatrixScaling(off_diagonal=1.0, bias=0.0).fit(logits, labels)
+    off = ~torch.eye(C, dtype=torch.bool)
+    assert small.weight.detach()[off].abs().max() > 1e-3  # the penalty leaves room to move
+    torch.testing.assert_close(big.weight.detach() * c, small.weight.detach(), atol=2e-3, rtol=0)
