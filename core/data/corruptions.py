@@ -5,7 +5,8 @@ and Perturbations" (arXiv:1903.12261): the 15 benchmark corruptions of CIFAR-10-
 held-out ones (speckle noise, gaussian blur, spatter, saturate) meant for tuning.
 
 Each corruption is a function ``f(x, severity, rng) -> x'`` on a float batch ``(N, H, W)`` in
-[0, 1]; :func:`corrupt` is the front door (uint8 or float in, float32 in [0, 1] out, seeded).
+[0, 1]; :func:`corrupt` is the front door (uint8 or float in, float32 in [0, 1] out, seeded; any
+H, W >= 1; severity an int in 1..5, else TypeError / ValueError naming it).
 Constants start from the CIFAR-10-C ones (``make_cifar_c.py``) and are kept in pixels; where a
 CIFAR recipe needs colour, ImageMagick/OpenCV, or texture photographs (frost), we use a
 grayscale equivalent documented beside it. Where the CIFAR constants are not monotone in
