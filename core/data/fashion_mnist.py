@@ -44,6 +44,7 @@ __all__ = [
     "acquire",
     "load_fashion_mnist",
     "prepare",
+    "to_float_images",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -282,6 +283,15 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> FashionMNIST:
         )
     train, test = (_load_split(p) for p in paths)
     return FashionMNIST(train["images"], train["labels"], test["images"], test["labels"])
+
+
+def to_float_images(images) -> torch.Tensor:
+    """uint8 images (N, H, W), array or tensor -> float32 (N, 1, H, W) in [0, 1]: the input
+    every Fashion-MNIST model here takes (Xiao et al. 2017, arXiv:1708.07747)."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if x.dtype != torch.uint8 or x.dim() != 3:
+        raise ValueError(f"images must be uint8 (N, H, W), got {x.dtype} {tuple(x.shape)}")
+    return x.float().div(255).unsqueeze(1)
 
 
 def _load_split(path: Path) -> dict:

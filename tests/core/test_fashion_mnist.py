@@ -118,3 +118,15 @@ def test_truncated_processed_split_is_a_named_error(tmp_path):
     torch.save({"images": images, "labels": labels[:3]}, tmp_path / "test.pt")
     with pytest.raises(ValueError, match="matching 'images' and 'labels'"):
         fm.load_fashion_mnist(tmp_path)
+
+
+def test_to_float_images_scales_uint8_and_adds_the_channel():
+    x = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)  # (1, 2, 2)
+    out = fm.to_float_images(x)
+    assert out.dtype == torch.float32 and out.shape == (1, 1, 2, 2)
+    torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 1.0], [0.2, 0.4]]))
+    torch.testing.assert_close(fm.to_float_images(torch.from_numpy(x)), out)
+    with pytest.raises(ValueError, match="uint8"):
+        fm.to_float_images(x.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fm.to_float_images(x[0])
