@@ -364,9 +364,11 @@ def test_claims_by_hand():
 
 
 def test_headline_metrics_are_flat_and_short():
-    errors = {"bn": {"reset": {"tent": _cell([0.2, 0.3])}}}
-    m = headline_metrics(errors, {"bn": {"clean_test_accuracy": 0.9}})
-    assert m == {"error": {"bn": {"reset": {"tent": 25.0}}}, "clean_acc": {"bn": 90.0}}
+    """Mean over corruptions per seed, then over seeds: (10 + 20 + 60) / 3 and (20 + 30 + 70) / 3
+    -> 30 and 40 -> 35 %."""
+    cell = {"a": [0.1, 0.2], "b": [0.2, 0.3], "c": [0.6, 0.7]}
+    m = headline_metrics({"bn": {"reset": {"tent": cell}}}, {"bn": {"clean_test_accuracy": 0.9}})
+    assert m == {"error": {"bn": {"reset": {"tent": 35.0}}}, "clean_acc": {"bn": 90.0}}
 
 
 def test_report_regenerates_the_committed_readme_section(tmp_path):
