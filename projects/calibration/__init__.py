@@ -1,0 +1,1 @@
+"""Calibration: Chidambaram & Ge's overlap study and losses x calibrators on Fashion-MNIST."""

@@ -1,237 +1,190 @@
-"""Stage calibration-fmnist-train: train-time calibration losses on Fashion-MNIST, logits saved.
+"""Stage calibration-fmnist-train: every (loss, seed, noise) Fashion-MNIST run, logits saved.
 
-Trains a small CNN (``core.models.cnn.SmallCNN``) per (loss, seed) with ERM (cross-entropy),
-label smoothing, focal loss, mixup, RankMixup's MRL and M-NDCG (``core.losses``), and, for the
-label-noise variant of Chidambaram & Ge 2024 (arXiv 2306.00740), ERM and mixup on labels with
-symmetric noise. A held-out split of the training set (``cal_size`` images) is kept for the
-post-hoc calibrators of stage calibration-fmnist-calibrate, which only reads the logits saved
-here: ``<runs>/<run>/logits.pt`` holds, per evaluation set, the logits of the views
-``core.calibration.make_views`` computes for the CA calibrator (V, N, C) and the labels;
-``<runs>/<run>/model.pt`` the weights. Runs already on disk are skipped (resumable).
+Each run trains ``classifier.LossClassifier`` (the params' network and a loss from
+``core.losses``) with the engine's Lightning Trainer on ``train_size`` images until it
+(nearly) interpolates them, the regime where uncalibrated ERM is overconfident (Guo et al. 2017,
+arXiv:1706.04599). The label-noise runs (ERM and mixup on symmetric noise; Chidambaram & Ge
+2024, arXiv:2306.00740) see the same noisy distribution in training, calibration and test
+labels. A run is reused only under its run identity (``core.engine.cache.cached_run``: config,
+imported code, input data). Writes per run, under ``<paths.runs>/fmnist/<run>/``:
+``logits.pt`` (per evaluation set the (V, N, C) logits of the CA views, identity first, and the
+labels), ``model.pt`` and ``result.json`` (identity, per-epoch history, train fit).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import multiprocessing
-import time
-from collections.abc import Iterator
+import inspect
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from core.calibration import make_views
-from core.data.corruptions import BENCHMARK, HOLDOUT
-from core.data.fashion_mnist import load_fashion_mnist
-from core.data.fashion_mnist_c import load_corruption
-from core.losses.calibration_losses import (
-    focal,
-    label_smoothing,
-    mixup_batch,
-    mixup_cross_entropy,
-    mndcg,
-    mrl,
-)
-from core.models.cnn import SmallCNN
-from core.training import seed_everything
+from core.engine.cache import cached_run, load_cached
+from core.engine.config import entry_parser, parse_entry
+from core.engine.progress import RunProgress
+from core.engine.trainer import build_trainer, seed_everything
+from core.losses import get_loss
 from core.utils.io import atomic_save_torch
-from projects.calibration.train import load_params
+from core.utils.parallel import imap_processes
+from projects.calibration.classifier import LossClassifier, build_net
+from projects.calibration.fmnist_data import N_CLASSES, load_splits, symmetric_noise
+from projects.calibration.runs import Job, fmnist_dir, jobs, run_name
 
-N_CLASSES = 10
-CORRUPTIONS = BENCHMARK + HOLDOUT
-
-
-def run_name(loss: str, seed: int, noise: float = 0.0) -> str:
-    """Directory name of one run, e.g. ``mixup_noise0.2_seed1``."""
-    return f"{loss}_noise{noise:g}_seed{seed}"
-
-
-def symmetric_noise(labels: Tensor, rate: float, generator: torch.Generator) -> Tensor:
-    """With probability ``rate`` replace each label (N,) by a uniformly drawn *other* class."""
-    if not 0 <= rate < 1:
-        raise ValueError(f"noise rate must be in [0, 1), got {rate}")
-    flip = torch.rand(labels.shape, generator=generator) < rate
-    shift = torch.randint(1, N_CLASSES, labels.shape, generator=generator)
-    return torch.where(flip, (labels + shift) % N_CLASSES, labels)
+DEFAULT_PARAMS = "projects/calibration/params.yaml"
+FMNIST_ROOT = "datasets/fashion-mnist/processed"
+FMNIST_C_ROOT = "datasets/fashion-mnist-c/processed"
+RESULT = "result.json"
+LOGITS = "logits.pt"
+NOISE_SEED = 10_000  # label-noise draws use seed NOISE_SEED + run seed
 
 
-def _images(x: Tensor | np.ndarray) -> Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1]."""
-    return torch.as_tensor(np.asarray(x)).float().div(255).unsqueeze(1)
-
-
-def load_splits(cfg: dict[str, Any], fmnist_root: str, fmnist_c_root: str) -> dict[str, Any]:
-    """Deterministic train / cal split of the 60k training set, the first ``test_size`` test
-    images, and per severity a fixed subset (``per_corruption`` test indices, the same for all 19
-    corruptions) of Fashion-MNIST-C pooled over corruptions:
-    {name: (images (N, 1, 28, 28), labels (N,))}."""
-    data = load_fashion_mnist(fmnist_root)
-    g = torch.Generator().manual_seed(cfg["split_seed"])
-    perm = torch.randperm(len(data.y_train), generator=g)
-    cal, train = perm[: cfg["cal_size"]], perm[cfg["cal_size"] :][: cfg["train_size"]]
-    sets = {
-        "train": (_images(data.x_train[train]), data.y_train[train]),
-        "cal": (_images(data.x_train[cal]), data.y_train[cal]),
-        "test": (_images(data.x_test[: cfg["test_size"]]), data.y_test[: cfg["test_size"]]),
-    }
-    ood = cfg["ood"]
-    idx = torch.randperm(len(data.y_test), generator=g)[: ood["per_corruption"]].numpy()
-    for s in ood["severities"]:
-        xs, ys = [], []
-        for name in CORRUPTIONS:
-            images, labels = load_corruption(name, s, fmnist_c_root)
-            xs.append(_images(images[idx]))
-            ys.append(torch.as_tensor(labels[idx]))
-        sets[f"c{s}"] = (torch.cat(xs), torch.cat(ys))
-    return sets
-
-
-def loss_fn(model, xb: Tensor, yb: Tensor, loss: str, cfg: dict, g: torch.Generator) -> Tensor:
-    """The training loss of one mini-batch; mixed batches share one forward with the raw batch."""
-    if loss == "erm":
-        return F.cross_entropy(model(xb), yb)
-    if loss == "label_smoothing":
-        return label_smoothing(model(xb), yb, smoothing=cfg["smoothing"])
-    if loss == "focal":
-        return focal(model(xb), yb, gamma=cfg["gamma"])
-    if loss == "mixup":
-        xm, tm, _ = mixup_batch(xb, yb, N_CLASSES, alpha=cfg["alpha"], generator=g)
-        return mixup_cross_entropy(model(xm), tm)
-    if loss in ("mrl", "mndcg"):
-        m = 1 if loss == "mrl" else cfg["n_mixups"]
-        mixed = [
-            mixup_batch(xb, yb, N_CLASSES, alpha=cfg["mixup_alpha"], generator=g) for _ in range(m)
-        ]
-        out = model(torch.cat([xb] + [xm for xm, _, _ in mixed]))  # ((M + 1) N, C)
-        logits, mixed_logits = out[: len(xb)], out[len(xb) :].view(m, len(xb), -1)
-        mixed_targets = torch.stack([tm for _, tm, _ in mixed])  # (M, N, C)
-        if loss == "mrl":
-            return mrl(
-                logits,
-                yb,
-                mixed_logits[0],
-                mixed_targets[0],
-                margin=cfg["margin"],
-                alpha=cfg["alpha"],
-            )
-        return mndcg(logits, yb, mixed_logits, mixed_targets, alpha=cfg["alpha"])
-    raise ValueError(f"unknown loss {loss!r}")
-
-
-def train_model(x: Tensor, y: Tensor, loss: str, params: dict, seed: int) -> SmallCNN:
-    """Adam on shuffled mini-batches for ``epochs`` epochs; returns the model in eval mode."""
+def run_config(params: dict[str, Any], job: Job) -> dict[str, Any]:
+    """What decides one run's numbers: the data split, model, optimiser, loss, seed, noise, views,
+    the trainer block. Machine knobs and the other losses' settings are left out."""
     cfg = params["fmnist"]
-    seed_everything(seed)  # also Beta(alpha, alpha) draws of mixup_batch
-    g = torch.Generator().manual_seed(seed)
-    model = SmallCNN(tuple(cfg["model"]["channels"]), cfg["model"]["hidden"], N_CLASSES)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["optim"]["lr"])
-    for _ in range(cfg["optim"]["epochs"]):
-        for idx in torch.randperm(len(x), generator=g).split(cfg["optim"]["batch_size"]):
-            batch_loss = loss_fn(model, x[idx], y[idx], loss, cfg["losses"][loss], g)
-            opt.zero_grad()
-            batch_loss.backward()
-            opt.step()
-    return model.eval()
-
-
-def jobs(params: dict) -> list[tuple[str, int, float]]:
-    """(loss, seed, noise) of every run, the costliest losses first (better pool packing)."""
-    cfg = params["fmnist"]
-    main = [(loss, s, 0.0) for loss in cfg["losses"] for s in cfg["seeds"]]
-    noisy = [
-        (loss, s, float(r))
-        for r in cfg["label_noise"]["rates"]
-        if r > 0
-        for loss in cfg["label_noise"]["losses"]
-        for s in cfg["seeds"]
-    ]
-    cost = {"mndcg": 1 + cfg["losses"].get("mndcg", {}).get("n_mixups", 0), "mrl": 2}
-    return sorted(main + noisy, key=lambda j: -cost.get(j[0], 1))
-
-
-def run_one(job: tuple[str, int, float], params: dict, sets: dict[str, Any]) -> str:
-    """Train one run and save its weights and evaluation logits; skip it when already saved."""
     loss, seed, noise = job
-    out = Path(params["fmnist"]["paths"]["runs"]) / run_name(loss, seed, noise)
-    if (out / "logits.pt").exists():
-        return f"{out.name}: exists"
-    start = time.perf_counter()
-    x, y = sets["train"]
-    cal_x, cal_y = sets["cal"]
-    test_x, test_y = sets["test"]
-    eval_sets = {"cal": (cal_x, cal_y), "test": (test_x, test_y)}
-    views: tuple[str, ...] = tuple(params["fmnist"]["ca_views"])
-    if noise > 0:  # same noisy distribution for training, calibration and test labels
-        g = torch.Generator().manual_seed(10_000 + seed)
-        y = symmetric_noise(y, noise, g)
-        eval_sets = {
-            "cal": (cal_x, symmetric_noise(cal_y, noise, g)),
-            "test": (test_x, symmetric_noise(test_y, noise, g)),
-        }
-        views = ("identity",)  # only temperature scaling is applied to the noise runs
+    data = {k: cfg[k] for k in ("split_seed", "cal_size", "train_size", "val_size", "test_size")}
+    if noise == 0:
+        data |= {"ood": cfg["ood"], "views": cfg["ca_views"]}
+    return {
+        "study": "fmnist",
+        "data": data,
+        "model": cfg["model"],
+        "optim": cfg["optim"],
+        "loss": cfg["losses"][loss],
+        "seed": seed,
+        "noise": noise,
+        "trainer": params["trainer"],
+        "n_bins": cfg["n_bins"],
+    }
+
+
+def run_data(job: Job, roots: tuple[str, str]) -> list[str]:
+    """The input directories a run reads (FMNIST-C only for the clean-label runs)."""
+    return [roots[0]] if job[2] > 0 else list(roots)
+
+
+def _run_sets(job: Job, sets: dict[str, Any]) -> tuple[tuple[Any, Any], dict[str, Any]]:
+    """((images, labels) to train on, {name: (images, labels)} to evaluate) of a run: the
+    noise runs get their noisy labels."""
+    loss, seed, noise = job
+    train = sets["train"]
+    evals = {"cal": sets["cal"], "test": sets["test"]}
+    if noise > 0:  # one noisy distribution: training, calibration and test labels alike
+        g = torch.Generator().manual_seed(NOISE_SEED + seed)
+        train = (train[0], symmetric_noise(train[1], noise, g))
+        evals = {k: (x, symmetric_noise(y, noise, g)) for k, (x, y) in evals.items()}
     else:
-        eval_sets |= {k: v for k, v in sets.items() if k.startswith("c")}
-    model = train_model(x, y, loss, params, seed)
+        evals |= {k: v for k, v in sets.items() if k.startswith("c")}
+    return train, evals
+
+
+def train_one(job: Job, params: dict[str, Any], sets: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Train one run, save its weights and evaluation logits under ``out``; return its record
+    (per-epoch history, the fit of the training labels, test accuracy)."""
+    cfg = params["fmnist"]
+    loss, seed, noise = job
+    (x, y), evals = _run_sets(job, sets)
+    seed_everything(seed)
+    module = LossClassifier(
+        build_net(cfg["model"], N_CLASSES),
+        cfg["losses"][loss],
+        lr=cfg["optim"]["lr"],
+        n_classes=N_CLASSES,
+        n_bins=cfg["n_bins"],
+    )
+    order = torch.Generator().manual_seed(seed)
+    bs = cfg["optim"]["batch_size"]
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True, generator=order)
+    cal_x, cal_y = evals["cal"]
+    val = cfg["val_size"]
+    val_loader = DataLoader(TensorDataset(cal_x[:val], cal_y[:val]), batch_size=1000)
+    trainer = build_trainer(
+        params["trainer"],
+        out,
+        logger=False,
+        checkpoint=False,
+        name=out.name,
+        max_epochs=cfg["optim"]["epochs"],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_loader, val_loader)
+    module.eval()
+    device = module.device
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        return module(batch.to(device)).float().cpu()
+
+    views = tuple(cfg["ca_views"]) if noise == 0 else ("identity",)
     logits = {
         name: {"views": make_views(model, xs, views), "labels": ys}  # (V, N, C), (N,)
-        for name, (xs, ys) in eval_sets.items()
+        for name, (xs, ys) in evals.items()
     }
-    atomic_save_torch(model.state_dict(), out / "model.pt")
-    atomic_save_torch({"views": views, "sets": logits}, out / "logits.pt")
-    acc = float(logits["test"]["views"][0].argmax(1).eq(eval_sets["test"][1]).float().mean())
-    return f"{out.name}: test acc {acc:.4f} ({time.perf_counter() - start:.0f} s)"
+    train_logits = make_views(model, x, ("identity",))[0].double()  # (N, C)
+    atomic_save_torch(module.net.state_dict(), out / "model.pt")
+    atomic_save_torch({"views": views, "sets": logits}, out / LOGITS)
+    test = logits["test"]
+    return {
+        "history": [{"epoch": e + 1, **v} for e, v in sorted(module.history.items())],
+        "train_acc": float(train_logits.argmax(1).eq(y).double().mean()),
+        "train_nll": float(torch.nn.functional.cross_entropy(train_logits, y)),
+        "test_acc": float(test["views"][0].argmax(1).eq(test["labels"]).double().mean()),
+    }
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One torch intra-op thread inside the block (tiny ops: extra threads only add sync cost on
-    a busy 2-core box), the previous count restored after it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def cost(cfg: dict[str, Any], job: Job) -> int:
+    """Forwards per training step: ranking losses add their mixup copies to the batch."""
+    spec = cfg["losses"][job[0]]
+    ranking = "mixed_logits" in inspect.signature(get_loss(spec["fn"])).parameters
+    return 1 + spec.get("n_mixups", 1) if ranking else 1
 
 
-_STATE: dict[str, Any] = {}
+def _init(params: dict[str, Any], roots: tuple[str, str], need_c: bool) -> dict[str, Any]:
+    sets = load_splits(params["fmnist"], roots[0], roots[1] if need_c else None)
+    return {"params": params, "roots": roots, "sets": sets}
 
 
-def _init_worker(params: dict, fmnist_root: str, fmnist_c_root: str) -> None:
-    # tiny convs: one intra-op thread per process; parallelism comes from the process pool
-    torch.set_num_threads(1)
-    _STATE.update(params=params, sets=load_splits(params["fmnist"], fmnist_root, fmnist_c_root))
-
-
-def _work(job: tuple[str, int, float]) -> str:
-    return run_one(job, _STATE["params"], _STATE["sets"])
+def _run(job: Job, state: dict[str, Any]) -> tuple[Job, dict[str, Any]]:
+    params, roots = state["params"], state["roots"]
+    out = fmnist_dir(params) / run_name(*job)
+    record = cached_run(
+        out / RESULT,
+        run_config(params, job),
+        lambda: train_one(job, params, state["sets"], out),
+        run_data(job, roots),
+    )
+    return job, record
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="projects/calibration/params.yaml")
-    parser.add_argument("--fmnist-root", default="datasets/fashion-mnist/processed")
-    parser.add_argument("--fmnist-c-root", default="datasets/fashion-mnist-c/processed")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    init = (params, args.fmnist_root, args.fmnist_c_root)
-    todo = jobs(params)
-    workers = min(params["fmnist"]["workers"], len(todo))
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, init) as pool:
-            for line in pool.imap_unordered(_work, todo):
-                print(line, flush=True)
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+    parser.add_argument("--fmnist-root", default=FMNIST_ROOT, help="processed Fashion-MNIST")
+    parser.add_argument("--fmnist-c-root", default=FMNIST_C_ROOT, help="Fashion-MNIST-C")
+    args, params, mach = parse_entry(parser, argv)
+    roots = (args.fmnist_root, args.fmnist_c_root)
+    todo, progress = [], RunProgress(len(jobs(params["fmnist"])), "fmnist-train")
+    for job in jobs(params["fmnist"]):
+        out = fmnist_dir(params) / run_name(*job)
+        stored = load_cached(
+            out / RESULT, run_config(params, job), run_data(job, roots), requires=[out / LOGITS]
+        )
+        if stored is None:
+            (out / RESULT).unlink(missing_ok=True)  # logits gone or stale: recompute
+            todo.append(job)
+        else:
+            progress.update(run_name(*job), f"test acc {stored['test_acc']:.4f}", cached=True)
+    if not todo:
         return
-    with one_thread():
-        _init_worker(*init)
-        for job in todo:
-            print(_work(job), flush=True)
-    _STATE.clear()
+    todo.sort(key=lambda job: -cost(params["fmnist"], job))  # costliest first: better packing
+    need_c = any(noise == 0 for _, _, noise in todo)
+    for job, record in imap_processes(
+        _run, todo, init=_init, init_args=(params, roots, need_c), workers=mach.workers,
+        threads=mach.threads,
+    ):  # fmt: skip
+        detail = f"train acc {record['train_acc']:.4f} test acc {record['test_acc']:.4f}"
+        progress.update(run_name(*job), detail, cached=record["cached"])
 
 
 if __name__ == "__main__":
