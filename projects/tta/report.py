@@ -156,6 +156,18 @@ def stream_lines(streams: dict) -> list[str]:
     ]
 
 
+def runtime_line(result: dict, source: dict) -> str:
+    """Wall times as recorded by the runs (on whatever machine and load they ran)."""
+    train = ", ".join(
+        f"{n.upper()} {m['seconds']:.0f} s" for n, m in source.items() if "seconds" in m
+    )
+    total = sum(result.get("seconds", {}).values())
+    return (
+        f"Recorded run times: source training {train or 'not recorded'}; adaptation runs "
+        f"{total / 60:.1f} min summed over all runs (they run `machine.workers` at a time)."
+    )
+
+
 def render(result: dict, source: dict, claims: list[dict], methods: list[str], figure: str) -> str:
     """The README section (Markdown)."""
     errors, seeds = result["errors"], len(result["seeds"])
@@ -168,6 +180,8 @@ def render(result: dict, source: dict, claims: list[dict], methods: list[str], f
         + ".",
         "",
         *(["Streams:", "", *stream_lines(result["streams"]), ""] if "streams" in result else []),
+        runtime_line(result, source),
+        "",
         f"![errors]({figure})",
     ]
     for norm in errors:
