@@ -44,15 +44,15 @@ def _loss_fn(method: str, divergence: str, temperature: float, chunk_size: int |
 
         jsd = LigerFusedLinearJSD(jsd_beta=0.5, temperature=temperature)
         return lambda e_s, w_s, e_t, w_t: jsd(e_s, w_s, e_t, w_t)
-    from kernels.kd import linear_kd
+    from core.losses.linear_kd import fused_divergence
+    from kernels.kd import linear_kd_impl
 
-    if method == "materialised":
-        kw = {"impl": "reference"}
-    else:
-        kw = {"impl": "chunked", "chunk_size": chunk_size}
-    return lambda e_s, w_s, e_t, w_t: linear_kd(
-        e_s, w_s, e_t, w_t, divergence=divergence, temperature=temperature, **kw
-    )
+    impl = "reference" if method == "materialised" else "chunked"
+    fused = fused_divergence(divergence)
+    return lambda e_s, w_s, e_t, w_t: linear_kd_impl(
+        e_s, w_s, e_t, w_t, None, fused, temperature=temperature, impl=impl,
+        chunk_size=chunk_size if impl == "chunked" else None,
+    )  # fmt: skip
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

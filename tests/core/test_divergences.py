@@ -1,5 +1,6 @@
 """KD divergences against float64 closed forms, scipy and POT; identities; masks; gradients."""
 
+import inspect
 import math
 
 import mpmath
@@ -373,3 +374,59 @@ def test_bad_inputs_raise_value_error():
         get_divergence("skew_kl")(s, t, lam=1.0)
     with pytest.raises(ValueError, match="batch-wise"):
         get_divergence("sinkhorn")(s, t, reduction="none")
+
+
+PER_ROW = [n for n in NAMES if getattr(get_divergence(n), "rows", None) is not None]
+
+
+@pytest.mark.parametrize("name", PER_ROW)
+def test_name_leads_to_its_def_and_paper(name):
+    """Registry key == function name; the entry's location is its ``def``; the public signature
+    is the module convention plus the definition's own hyperparameters."""
+    fn = get_divergence(name)
+    path, line = DIVERGENCES.location(name).rsplit(":", 1)
+    assert path.endswith("core/losses/divergences.py") and fn.__name__ == name
+    with open(path) as f:  # the location is the first decorator line above the def
+        block = f.readlines()[int(line) - 1 : int(line) + 3]
+    assert block[0].startswith("@DIVERGENCES.register(paper=")
+    assert any(x.startswith(f"def {name}(") for x in block)
+    assert DIVERGENCES.paper(name)
+    params = list(inspect.signature(fn).parameters)
+    common = ["student_logits", "teacher_logits", "temperature", "reduction", "mask"]
+    assert params[:5] == common and params[5:7] == ["targets", "ignore_index"]
+    own = [p for p in inspect.signature(fn.rows).parameters if p not in ("s", "t", "targets")]
+    assert params[7:] == own
+
+
+@pytest.mark.parametrize(
+    ("name", "hp"),
+    [
+        ("js", {"beta": 1.5}), ("js", {"beta": 0.0}), ("js", {"beta": float("nan")}),
+        ("js", {"beta": True}), ("skew_kl", {"lam": 1.0}), ("skew_reverse_kl", {"lam": -0.1}),
+        ("akl", {"mu": 0.0}), ("akl", {"mu": 1.01}), ("bdkd", {"lam": 0.0}),
+        ("bdkd", {"lam": -1.0}), ("bdkd", {"lam": float("inf")}), ("dkd", {"alpha": -1.0}),
+        ("dkd", {"beta": float("nan")}), ("dkd", {"warmup": 1.5}), ("sinkhorn", {"eps": 0.0}),
+        ("sinkhorn", {"n_iters": 0}), ("forward_kl", {"temperature": "2"}),
+    ],
+)  # fmt: skip
+def test_bad_hyperparameters_are_refused_by_name(name, hp):
+    s, t = _logits(16)
+    key = next(iter(hp))
+    with pytest.raises((ValueError, TypeError), match=key):
+        get_divergence(name)(s, t, **_kwargs(name), **hp)
+
+
+def test_masked_class_in_one_model_only():
+    """Teacher-only masked class: p = 0 adds nothing to forward KL (finite gradient); the
+    reverse KL is infinite (the student puts mass where the teacher has none)."""
+    s, t = _logits(17)
+    t_m = t.clone()
+    t_m[:, 0] = -math.inf
+    s.requires_grad_()
+    fkl = get_divergence("forward_kl")(s, t_m, reduction="none")
+    p_t, p_s = softmax(t_m.numpy(), -1), softmax(s.detach().numpy(), -1)
+    want = [entropy(a[1:], b[1:]) - np.log(b[1:].sum()) for a, b in zip(p_t, p_s)]
+    np.testing.assert_allclose(fkl.detach().numpy(), want, rtol=1e-10)
+    fkl.sum().backward()
+    assert torch.isfinite(s.grad).all()
+    assert torch.isinf(get_divergence("reverse_kl")(s.detach(), t_m, reduction="none")).all()
