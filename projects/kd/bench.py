@@ -14,7 +14,7 @@ import sys
 
 import yaml
 
-from projects.kd.common import DEFAULT_PARAMS
+from projects.kd import DEFAULT_PARAMS
 
 
 def bench_command(cfg: dict) -> list[str]:

@@ -1,51 +1,35 @@
 """Stage kd-image-offline: the student alone and offline KD with each registered divergence.
 
-For every (method, seed) of ``image.offline`` a student is trained from the same seeded
-initialisation and batch order (paired comparison across methods) against the frozen
-teacher's precomputed logits (stage kd-image-teacher) and evaluated on the test set: top-1,
-ECE (15 bins), NLL and top-1 agreement with the teacher. Each run is stored in
-``<outputs>/offline/<method>_seed<k>.json`` and skipped on rerun when its config (params, code
-and teacher digests) is unchanged, so a killed stage resumes. ``<results>/offline.json`` has
-every run and the mean / std per method.
+For every (method, seed) of ``image.offline`` x ``image.seeds`` a student is trained on the
+student's subset from the seed's initialisation and batch order (the same for every method of a
+seed: paired comparisons) against the frozen teacher's precomputed logits (stage
+kd-image-teacher), then tested: top-1, ECE, NLL, top-1 agreement with the teacher. Each run is
+cached in ``<outputs>/offline/<method>_seed<k>.json`` under its run identity (config, imported
+code, the data and ``teacher.pt``), so a killed stage resumes and a rerun recomputes only what
+changed. ``<results>/offline.json`` has every run (the report summarises them).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.engine.cache import cached_run
+from core.engine.config import entry_parser, parse_entry
+from core.engine.identity import run_config
+from core.engine.progress import RunProgress
+from core.engine.trainer import seed_everything
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from core.utils.runs import cached_run
-from projects.kd.common import (
-    CODE,
-    DEFAULT_FMNIST,
-    DEFAULT_PARAMS,
-    DualHead,
-    build_net,
-    classification_metrics,
-    file_digest,
-    fit_offline,
-    load_data,
-    load_params,
-    n_params,
-    predict,
-    resolve_terms,
-    summarise,
-)
+from projects.kd import DEFAULT_PARAMS
+from projects.kd.image_data import DEFAULT_FMNIST, batch_indices, eval_loader, load_data, loader
+from projects.kd.image_losses import resolve_offline
+from projects.kd.image_modules import OfflineKD, build_net, n_params, train_and_test
 
 BASELINE = "ce"  # the method name of the student trained alone
-
-
-def resolve_method(method: dict[str, Any], temperature: float) -> dict[str, Any]:
-    """A method of ``image.offline`` with every term's temperature and weight filled in."""
-    terms = resolve_terms(method.get("terms", []), temperature)
-    aux = any(t.get("head", "main") == "aux" for t in terms)
-    return {"ce_weight": method.get("ce_weight", 1.0), "aux_head": aux, "terms": terms}
 
 
 def jobs(cfg: dict[str, Any]) -> list[tuple[str, int]]:
@@ -54,95 +38,104 @@ def jobs(cfg: dict[str, Any]) -> list[tuple[str, int]]:
     return sorted(runs, key=lambda j: -len(cfg["offline"][j[0]].get("terms", [])))
 
 
-def _init(params_path: str, fmnist_root: str) -> dict[str, Any]:
-    params = load_params(params_path)
+def run_identity(params: dict[str, Any], name: str, seed: int) -> dict[str, Any]:
+    """The config of run (``name``, ``seed``): everything that decides its numbers."""
+    cfg = params["image"]
+    return run_config(
+        {
+            "method": name,
+            "seed": seed,
+            "loss": resolve_offline(cfg["offline"][name], cfg["temperature"]),
+            "student": cfg["student"],
+            "optim": cfg["optim"],
+            "data": cfg["data"],
+            "n_bins": cfg["n_bins"],
+            "trainer": params["trainer"],
+        }
+    )
+
+
+def _init(params: dict[str, Any], fmnist_root: str) -> dict[str, Any]:
     cfg = params["image"]
     teacher_path = Path(cfg["paths"]["outputs"]) / "teacher.pt"
     teacher = torch.load(teacher_path, weights_only=True)
+    if teacher.get("data") != cfg["data"]:
+        raise ValueError(
+            f"{teacher_path} holds logits for image.data {teacher.get('data')}, not "
+            f"{cfg['data']}: rerun stage kd-image-teacher with these params"
+        )
     return {
-        "cfg": cfg,
+        "params": params,
         "data": load_data(cfg["data"], fmnist_root),
         "teacher_train": teacher["train_logits"],
         "teacher_test_pred": teacher["test_logits"].argmax(-1),
-        "digest": {
-            "code": file_digest([*CODE, "projects/kd/image_offline.py"]),
-            "teacher": file_digest([teacher_path.resolve()]),
-        },
+        "inputs": [fmnist_root, str(teacher_path)],
     }
 
 
 def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
-    """Train and evaluate one (method, seed); the cached result when its config is unchanged."""
+    """Train and test one (method, seed); the cached result when its identity holds."""
     name, seed = job
-    cfg, data = state["cfg"], state["data"]
-    method = resolve_method(cfg["offline"][name], cfg["temperature"])
-    config = {
-        "method": name,
-        "seed": seed,
-        "loss": method,
-        "student": cfg["student"],
-        "optim": cfg["optim"],
-        "data": cfg["data"],
-        "n_bins": cfg["n_bins"],
-        "digest": state["digest"],
-    }
+    params, data = state["params"], state["data"]
+    cfg = params["image"]
+    config = run_identity(params, name, seed)
+    method, optim = config["loss"], cfg["optim"]
 
     def train() -> dict[str, Any]:
-        torch.manual_seed(seed)
-        model = build_net(cfg["student"])
-        if method["aux_head"]:
-            model = DualHead(model)
-        teacher = state["teacher_train"] if method["terms"] else None
-        fit_offline(model, data["x_train"], data["y_train"], method, cfg["optim"], seed, teacher)
-        logits = predict(model, data["x_test"])  # main head only
-        metrics = classification_metrics(logits, data["y_test"], cfg["n_bins"])
-        metrics["agreement"] = float(
-            logits.argmax(-1).eq(state["teacher_test_pred"]).float().mean()
-        )
-        return {"metrics": metrics, "n_params": n_params(model)}
+        steps = batch_indices(len(data["x_train"]), optim["batch_size"], optim["epochs"], seed)
+        seed_everything(seed)
+        module = OfflineKD(build_net(cfg["student"]), method, optim, len(steps), cfg["n_bins"])
+        train = loader([data["x_train"], data["y_train"], state["teacher_train"]], steps)
+        test = eval_loader([data["x_test"], data["y_test"], state["teacher_test_pred"]])
+        out = Path(cfg["paths"]["outputs"]) / "offline"
+        train_and_test(module, params["trainer"], out, train, test, name=f"{name} seed {seed}")
+        return {"metrics": module.results, "n_params": n_params(module.net)}
 
     path = Path(cfg["paths"]["outputs"]) / "offline" / f"{name}_seed{seed}.json"
-    return {"method": name, "seed": seed, **cached_run(path, config, train)}
+    return {"method": name, "seed": seed, **cached_run(path, config, train, state["inputs"])}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
-    parser.add_argument("--fmnist-root", default=str(DEFAULT_FMNIST))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+    parser.add_argument("--fmnist-root", default=str(DEFAULT_FMNIST), help="processed data dir")
+    args, params, mach = parse_entry(parser, argv)
     cfg = params["image"]
     if BASELINE not in cfg["offline"]:
         raise ValueError(f"image.offline needs the baseline method {BASELINE!r}")
     start = time.perf_counter()
-    runs = []
     todo = jobs(cfg)
+    progress = RunProgress(len(todo), "kd-image-offline")
+    runs = []
     for r in imap_processes(
         run_job,
         todo,
         init=_init,
-        init_args=(args.params, args.fmnist_root),
-        workers=cfg["workers"],
-        threads=params["threads"],
+        init_args=(params, args.fmnist_root),
+        workers=mach.workers,
+        threads=mach.threads,
     ):
         m = r["metrics"]
-        tag = "cached" if r["cached"] else f"{r['wall_s']:.0f} s"
-        print(
-            f"[{len(runs) + 1}/{len(todo)}] {r['method']} seed {r['seed']}: acc {m['accuracy']:.4f} "
-            f"ece {m['ece']:.4f} nll {m['nll']:.4f} ({tag})",
-            flush=True,
+        progress.update(
+            f"{r['method']} seed {r['seed']}",
+            f"acc {m['accuracy']:.4f} ece {m['ece']:.4f} nll {m['nll']:.4f}",
+            cached=r["cached"],
         )
-        runs.append({k: r[k] for k in ("method", "seed", "metrics", "n_params", "wall_s", "cpu_s")})
+        runs.append(
+            {
+                k: r[k]
+                for k in ("method", "seed", "metrics", "n_params", "wall_s", "cpu_s", "cached")
+            }
+        )
     order = {name: i for i, name in enumerate(cfg["offline"])}
     runs.sort(key=lambda r: (order[r["method"]], r["seed"]))
     result = {
         "student": cfg["student"],
-        "summary": summarise(runs),
         "runs": runs,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    atomic_write_json(Path(cfg["paths"]["results"]) / "offline.json", result)
-    print(f"offline stage: {result['wall_s']} s", flush=True)
+    saved = [{k: v for k, v in r.items() if k != "cached"} for r in runs]
+    atomic_write_json(Path(cfg["paths"]["results"]) / "offline.json", result | {"runs": saved})
+    print(f"kd-image-offline: {result['wall_s']} s", flush=True)
     return result
 
 

@@ -1,62 +1,102 @@
-"""Stage kd-image-teacher: train the Fashion-MNIST teacher once; save it and its logits.
+"""Stage kd-image-teacher: train the Fashion-MNIST teacher to convergence; save it and its logits.
 
-The offline-KD stage reads the teacher's logits on the training subset (computed once in eval
-mode: there is no augmentation, so a frozen teacher's soft targets never change) from
-``<outputs>/teacher.pt``; its test metrics go to ``<results>/teacher.json``.
+The teacher learns from ``image.data.teacher_size`` images with CE (``image.teacher_optim``),
+trained by ``core.engine.trainer.fit`` in ``<outputs>/teacher`` (checkpoint, DVCLive curves,
+run identity: a rerun with the same config, data and code reuses the finished run). Its logits
+on the student's subset and on the test set go to ``<outputs>/teacher.pt`` (computed once in
+eval mode: no augmentation, so a frozen teacher's soft targets never change); its test metrics
+to ``<results>/teacher.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from core.engine.config import entry_parser, parse_entry
+from core.engine.identity import run_config
+from core.engine.trainer import Run, fit, seed_everything
 from core.utils.io import atomic_save_torch, atomic_write_json
-from projects.kd.common import (
+from projects.kd import DEFAULT_PARAMS
+from projects.kd.image_data import (
     DEFAULT_FMNIST,
-    DEFAULT_PARAMS,
-    build_net,
-    classification_metrics,
-    fit_offline,
+    batch_indices,
+    eval_loader,
     load_data,
-    load_params,
-    n_params,
-    predict,
+    loader,
 )
+from projects.kd.image_modules import OfflineKD, build_net, n_params
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
-    parser.add_argument("--fmnist-root", default=str(DEFAULT_FMNIST))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+def teacher_config(params: dict[str, Any]) -> dict[str, Any]:
+    """What decides the teacher's weights: its net, optimiser, data, seed and trainer block."""
     cfg = params["image"]
-    torch.set_num_threads(params["threads"])
+    return run_config(
+        {
+            "seed": params["seed"],
+            "net": cfg["teacher"],
+            "optim": cfg["teacher_optim"],
+            "data": cfg["data"],
+            "n_bins": cfg["n_bins"],
+            "trainer": params["trainer"],
+        }
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+    parser.add_argument("--fmnist-root", default=str(DEFAULT_FMNIST), help="processed data dir")
+    args, params, mach = parse_entry(parser, argv)
+    torch.set_num_threads(mach.threads)
+    cfg = params["image"]
     data = load_data(cfg["data"], args.fmnist_root)
+    optim = cfg["teacher_optim"]
+    x, y = data["x_teacher"], data["y_teacher"]
+    steps = batch_indices(len(x), optim["batch_size"], optim["epochs"], params["seed"])
+    per_epoch = len(steps) // optim["epochs"]
     start, cpu = time.perf_counter(), time.process_time()
-    torch.manual_seed(params["seed"])
-    teacher = build_net(cfg["teacher"])
-    fit_offline(teacher, data["x_train"], data["y_train"], {}, cfg["optim"], params["seed"])
-    train_logits = predict(teacher, data["x_train"])  # (N_train, C)
-    test_logits = predict(teacher, data["x_test"])  # (N_test, C)
-    out = Path(cfg["paths"]["outputs"]) / "teacher.pt"
+    seed_everything(params["seed"])
+    net = build_net(cfg["teacher"])
+    module = OfflineKD(net, {"ce_weight": 1.0, "terms": []}, optim, len(steps), cfg["n_bins"])
+    out = Path(cfg["paths"]["outputs"])
+    run = Run(out / "teacher", teacher_config(params), [args.fmnist_root], name="teacher")
+    test = eval_loader([data["x_test"], data["y_test"]])
+    trainer = fit(
+        module,
+        params["trainer"],
+        run,
+        train_dataloaders=loader([x, y, torch.zeros(len(y), 0)], steps),
+        val_dataloaders=test,
+        max_epochs=1,  # one Lightning epoch = every data epoch's seeded batches
+        val_check_interval=per_epoch,  # a validation point per data epoch
+        log_every_n_steps=max(per_epoch // 4, 1),
+        num_sanity_val_steps=0,
+    )
+    train_logits = torch.cat(trainer.predict(module, eval_loader([data["x_train"]])))  # (N, C)
+    test_logits = torch.cat(trainer.predict(module, eval_loader([data["x_test"]])))  # (Nt, C)
+    test = eval_loader([data["x_test"], data["y_test"], test_logits.argmax(-1)])
+    trainer.test(module, test, verbose=False)
     atomic_save_torch(
         {
-            "state_dict": teacher.state_dict(),
-            "train_logits": train_logits,
-            "test_logits": test_logits,
+            "state_dict": net.state_dict(),
+            "train_logits": train_logits.cpu(),
+            "test_logits": test_logits.cpu(),
+            "data": cfg["data"],  # the subsets these logits belong to
         },
-        out,
+        out / "teacher.pt",
     )
     result = {
         "net": cfg["teacher"],
-        "n_params": n_params(teacher),
+        "n_params": n_params(net),
         "seed": params["seed"],
-        "metrics": classification_metrics(test_logits, data["y_test"], cfg["n_bins"]),
-        "train_accuracy": float(train_logits.argmax(-1).eq(data["y_train"]).float().mean()),
+        "train_size": len(x),
+        "metrics": {k: v for k, v in module.results.items() if k != "agreement"},
+        "student_subset_accuracy": float(
+            train_logits.argmax(-1).eq(data["y_train"]).float().mean()
+        ),
         "wall_s": round(time.perf_counter() - start, 1),
         "cpu_s": round(time.process_time() - cpu, 1),
     }

@@ -1,224 +1,202 @@
-"""Stage kd-lm-train: the small GPT student trained alone (CE) and by token-level KD.
+"""Stage kd-lm-train: the small GPT student trained alone (CE) and by token-level KD, per seed.
 
-Each run of ``lm.runs`` trains the student of ``lm.student`` on ``lm.train.steps`` batches of
-the cce corpus: plain cross-entropy when the run names no divergence, else ``linear_kd_loss``
-against the frozen cce teacher. Every run starts from the same seeded weights and sees the same
-batches. Per run, ``<results>/runs/<run>.json`` (final val loss / perplexity, wall time, and a
-fingerprint of config + teacher + code) and ``<results>/runs/<run>_val.csv`` (validation curve)
-are written atomically; a run whose JSON holds the current fingerprint is skipped, so a killed
-stage resumes. Runs go to a pool of ``lm.workers`` single-threaded processes, in params order
-(most expensive first). Then the teacher is evaluated on the same validation windows and
-``<results>/metrics.json`` collects everything.
+Each (run, seed) of ``lm.runs`` x ``lm.seeds`` trains the student of ``lm.student`` for
+``lm.train.steps`` batches of the cce corpus with the ``LMDistill`` module: plain cross-entropy
+when the run names no divergence, else ``linear_kd_loss`` against the frozen cce teacher. Every
+run of a seed starts from that seed's weights and sees that seed's batches (paired comparisons
+across runs); all runs are validated on the same held-out windows. Each result (final val loss,
+val curve, times) is cached in ``<results>/runs/<run>_seed<k>.json`` under its run identity
+(config, imported code, the teacher checkpoint and the token arrays), so a killed stage resumes
+and a rerun recomputes only what changed. Then the teacher is scored on the same windows and
+``<results>/summary.json`` collects everything.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from core.data.tokens import load_token_ids
-from core.optim import adamw_warmup_cosine
-from core.utils.io import atomic_open, atomic_write_json
+from core.engine.cache import cached_run
+from core.engine.config import entry_parser, parse_entry
+from core.engine.identity import run_config
+from core.engine.progress import RunProgress
+from core.engine.trainer import build_trainer, seed_everything
+from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from core.utils.runs import load_cached, store_run
-from projects.kd.lm_common import (
-    DEFAULT_PARAMS,
-    evaluate,
-    load_params,
+from projects.kd import DEFAULT_PARAMS
+from projects.kd.lm_modules import (
+    LMDistill,
+    batch_loader,
     load_teacher,
     make_student,
     split_run,
-    step_loss,
     window_batches,
 )
 
-# code that decides a run's numbers: a change re-runs it even when its JSON exists
-SOURCES = (
-    "projects/kd/lm_common.py",
-    "projects/kd/lm_train.py",
-    "core/models/gpt.py",
-    "core/optim.py",
-    "core/losses/*.py",
-    "kernels/kd/*.py",
-    "kernels/cce/*.py",
-)
+
+def check_train(train: dict[str, Any]) -> None:
+    """Validate ``lm.train``: positive sizes, validation points that end on the last step."""
+    for key in ("steps", "batch_size", "val_windows", "val_every"):
+        if not isinstance(train.get(key), int) or train[key] < 1:
+            raise ValueError(f"lm.train.{key} must be a positive integer, got {train.get(key)!r}")
+    if train["steps"] % train["val_every"]:
+        raise ValueError(
+            f"lm.train.steps ({train['steps']}) must be a multiple of lm.train.val_every "
+            f"({train['val_every']}) so the last validation is at the last step"
+        )
 
 
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+def jobs(lm: dict[str, Any]) -> list[tuple[str, int]]:
+    """(run, seed) of every run, in params order (most expensive first) within each seed."""
+    return [(name, seed) for seed in lm["seeds"] for name in lm["runs"]]
 
 
-def inputs_digest(params: dict, root: Path = Path(".")) -> str:
-    """Digest of the code in ``SOURCES`` (benchmark scripts aside) and the teacher checkpoint
-    (shared by all runs)."""
-    files = sorted(f for pattern in SOURCES for f in root.glob(pattern) if f.name != "benchmark.py")
-    return _sha256_files([*files, root / params["lm"]["paths"]["teacher_ckpt"]])
-
-
-def fingerprint(params: dict, name: str, digest: str) -> str:
-    """Digest of everything run ``name``'s numbers depend on: its config, the shared training
-    config and ``digest`` (code + teacher, :func:`inputs_digest`)."""
+def run_identity(params: dict[str, Any], name: str, seed: int) -> dict[str, Any]:
+    """The config of run (``name``, ``seed``): everything that decides its numbers."""
     lm = params["lm"]
-    cfg = {k: lm[k] for k in ("student", "optim", "train")} | {
-        "seed": params["seed"],
-        "run": lm["runs"][name],
-    }
-    return hashlib.sha256((json.dumps(cfg, sort_keys=True) + digest).encode()).hexdigest()
+    return run_config(
+        {
+            "run": name,
+            "loss": lm["runs"][name],
+            "seed": seed,
+            "student": lm["student"],
+            "optim": lm["optim"],
+            "train": lm["train"],
+            "trainer": params["trainer"],
+        }
+    )
 
 
-def train_run(params: dict, name: str, fp: str = "") -> dict:
-    """Train run ``name`` of ``params["lm"]["runs"]``; writes and returns its metrics
-    (``fp``: the run's fingerprint, stored for the skip test)."""
-    torch.set_num_threads(params["threads"])
-    lm, seed = params["lm"], params["seed"]
-    run, tr = lm["runs"][name], lm["train"]
+def val_batches(lm: dict[str, Any], block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out windows every run and the teacher are scored on (seed ``val_seed``)."""
+    tr = lm["train"]
+    tokens = load_token_ids(lm["paths"]["data"], "val")
+    return window_batches(tokens, block_size, tr["val_windows"], tr["batch_size"], tr["val_seed"])
+
+
+def _init(params: dict[str, Any]) -> dict[str, Any]:
+    lm = params["lm"]
     teacher = load_teacher(lm["paths"]["teacher_ckpt"])
-    student = make_student(teacher.cfg, lm["student"], seed)
-    block = teacher.cfg.block_size
-    train = window_batches(
-        load_token_ids(lm["paths"]["data"], "train"),
-        block,
-        tr["steps"] * tr["batch_size"],
-        tr["batch_size"],
-        seed,
+    return {
+        "params": params,
+        "teacher": teacher,
+        "train_tokens": load_token_ids(lm["paths"]["data"], "train"),
+        "val": val_batches(lm, teacher.cfg.block_size),
+        "inputs": [lm["paths"]["teacher_ckpt"], lm["paths"]["data"]],
+    }
+
+
+def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
+    """Train and validate one (run, seed); the cached result when its identity holds."""
+    name, seed = job
+    params, teacher = state["params"], state["teacher"]
+    lm = params["lm"]
+    tr, run = lm["train"], lm["runs"][name]
+    config = run_identity(params, name, seed)
+
+    def train() -> dict[str, Any]:
+        block = teacher.cfg.block_size
+        batches = window_batches(
+            state["train_tokens"], block, tr["steps"] * tr["batch_size"], tr["batch_size"], seed
+        )
+        seed_everything(seed)
+        student = make_student(teacher.cfg, lm["student"], seed)
+        kd_teacher = teacher if run.get("divergence") else None
+        module = LMDistill(student, kd_teacher, run, lm["optim"], tr["steps"])
+        trainer = build_trainer(
+            params["trainer"],
+            Path(lm["paths"]["results"]) / "runs",
+            logger=False,
+            checkpoint=False,
+            name=f"{name} seed {seed}",
+            max_epochs=1,
+            max_steps=tr["steps"],
+            val_check_interval=tr["val_every"],
+            gradient_clip_val=tr["grad_clip"],
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, batch_loader(batches), batch_loader(state["val"]))
+        kw, hparams = split_run(run)
+        val_loss = module.curve[-1][1]
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss),
+            "curve": module.curve,
+            "steps": tr["steps"],
+            "tokens_per_step": tr["batch_size"] * block,
+            "n_params": student.num_params(),
+            "loss": "ce" if kw.get("divergence") is None else "kd",
+            **kw,
+            "hparams": hparams,
+        }
+
+    path = Path(lm["paths"]["results"]) / "runs" / f"{name}_seed{seed}.json"
+    return {"run": name, "seed": seed, **cached_run(path, config, train, state["inputs"])}
+
+
+def score_teacher(params: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's val loss on the runs' validation windows (on the params' device)."""
+    lm = params["lm"]
+    teacher = load_teacher(lm["paths"]["teacher_ckpt"])
+    module = LMDistill(teacher, None, {}, lm["optim"], 1)
+    trainer = build_trainer(
+        params["trainer"], Path(lm["paths"]["results"]), logger=False, checkpoint=False
     )
-    val = window_batches(
-        load_token_ids(lm["paths"]["data"], "val"),
-        block,
-        tr["val_windows"],
-        tr["batch_size"],
-        seed + 1,
-    )
-    opt, sched = adamw_warmup_cosine(student, lm["optim"], tr["steps"])
-    curve: list[tuple[int, float]] = []
-    t0, c0 = time.perf_counter(), time.process_time()
-    student.train()
-    for step, (x, y) in enumerate(train, start=1):
-        loss = step_loss(student, teacher, x, y, run)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"run {name}: non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), tr["grad_clip"])
-        opt.step()
-        sched.step()
-        if step % tr["val_every"] == 0 or step == len(train):
-            curve.append((step, evaluate(student, val)))
-            print(
-                f"[{name}] step {step} train {loss.item():.4f} val {curve[-1][1]:.4f}", flush=True
-            )
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    kw, hparams = split_run(run)
-    val_loss = curve[-1][1]
-    metrics = {
+    trainer.validate(module, batch_loader(val_batches(lm, teacher.cfg.block_size)), verbose=False)
+    val_loss = module.curve[-1][1]
+    return {
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
-        "final_train_loss": loss.item(),  # the run's own objective (KD runs: the divergence)
-        "steps": len(train),
-        "tokens_per_step": tr["batch_size"] * block,
-        "wall_s": wall,
-        "cpu_s": cpu,  # this process's CPU time: steadier than wall time on a shared machine
-        "n_params": student.num_params(),
-        "loss": "ce" if kw.get("divergence") is None else "kd",
-        **kw,
-        "hparams": hparams,
-        "torch_threads": torch.get_num_threads(),
+        "n_params": teacher.num_params(),
+        "n_layer": teacher.cfg.n_layer,
+        "n_embd": teacher.cfg.n_embd,
     }
-    out = Path(lm["paths"]["results"]) / "runs"
-    with atomic_open(out / f"{name}_val.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "val_loss", "val_ppl"])
-        w.writerows((s, f"{v:.6f}", f"{math.exp(v):.4f}") for s, v in curve)
-    store_run(out / f"{name}.json", {"fingerprint": fp}, metrics)  # after the curve: see done()
-    return metrics
 
 
-def _work(job: tuple[dict, str, str], _state: dict) -> str:
-    params, name, fp = job
-    m = train_run(params, name, fp)
-    return f"[{name}] val ppl {m['val_ppl']:.2f} in {m['wall_s']:.0f} s ({m['cpu_s']:.0f} CPU s)"
-
-
-def done(out: Path, name: str, fp: str) -> bool:
-    """Whether ``<out>/<name>.json`` holds results for fingerprint ``fp`` (and its curve exists)."""
-    return (
-        load_cached(out / f"{name}.json", {"fingerprint": fp}, [out / f"{name}_val.csv"])
-        is not None
-    )
-
-
-def collect(params: dict) -> dict:
-    """Evaluate the teacher on the runs' validation windows; write and return metrics.json."""
-    torch.set_num_threads(params["threads"])
-    lm = params["lm"]
-    teacher = load_teacher(lm["paths"]["teacher_ckpt"])
-    val = window_batches(
-        load_token_ids(lm["paths"]["data"], "val"),
-        teacher.cfg.block_size,
-        lm["train"]["val_windows"],
-        lm["train"]["batch_size"],
-        params["seed"] + 1,
-    )
-    t_loss = evaluate(teacher, val)
-    out = Path(lm["paths"]["results"])
-    runs = {}
-    for name in lm["runs"]:
-        m = json.loads((out / "runs" / f"{name}.json").read_text())
-        m.pop("config")  # the run's fingerprint
-        runs[name] = m
-    metrics = {
-        "teacher": {
-            "val_loss": t_loss,
-            "val_ppl": math.exp(t_loss),
-            "n_params": teacher.num_params(),
-            "n_layer": teacher.cfg.n_layer,
-            "n_embd": teacher.cfg.n_embd,
-        },
-        "student": {**lm["student"], "n_params": runs[next(iter(runs))]["n_params"]},
-        "val_tokens": lm["train"]["val_windows"] * teacher.cfg.block_size,
-        "runs": runs,
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params YAML file")
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
     parser.add_argument("--run", action="append", help="only these runs (default: all of lm.runs)")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+    args, params, mach = parse_entry(parser, argv)
     lm = params["lm"]
-    names = args.run or list(lm["runs"])
-    unknown = sorted(set(names) - set(lm["runs"]))
+    check_train(lm["train"])
+    unknown = sorted(set(args.run or []) - set(lm["runs"]))
     if unknown:
-        raise SystemExit(f"unknown LM runs {unknown}; params lm.runs has {sorted(lm['runs'])}")
-    out = Path(lm["paths"]["results"]) / "runs"
-    todo, digest = [], inputs_digest(params)
-    for name in names:
-        fp = fingerprint(params, name, digest)
-        if done(out, name, fp):
-            print(f"[{name}] up to date, skipped", flush=True)
-        else:
-            todo.append((params, name, fp))
-    for line in imap_processes(_work, todo, workers=lm["workers"], threads=params["threads"]):
-        print(line, flush=True)
-    if args.run is None:
-        m = collect(params)
-        print(f"teacher val ppl {m['teacher']['val_ppl']:.2f}", flush=True)
+        parser.error(f"unknown LM runs {unknown}; params lm.runs has {sorted(lm['runs'])}")
+    todo = [j for j in jobs(lm) if args.run is None or j[0] in args.run]
+    start = time.perf_counter()
+    progress = RunProgress(len(todo), "kd-lm-train")
+    runs = []
+    for r in imap_processes(
+        run_job, todo, init=_init, init_args=(params,), workers=mach.workers, threads=mach.threads
+    ):
+        progress.update(
+            f"{r['run']} seed {r['seed']}",
+            f"val loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})",
+            cached=r["cached"],
+        )
+        runs.append({k: v for k, v in r.items() if k != "identity"})
+    if args.run is not None:
+        return {"runs": runs}
+    torch.set_num_threads(mach.threads)
+    order = {name: i for i, name in enumerate(lm["runs"])}
+    runs.sort(key=lambda r: (order[r["run"]], r["seed"]))
+    summary = {
+        "teacher": score_teacher(params),
+        "student": lm["student"],
+        "val_tokens": lm["train"]["val_windows"]
+        * runs[0]["tokens_per_step"]
+        // lm["train"]["batch_size"],
+        "runs": [{k: v for k, v in r.items() if k != "cached"} for r in runs],
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_json(Path(lm["paths"]["results"]) / "summary.json", summary)
+    print(f"kd-lm-train: teacher val ppl {summary['teacher']['val_ppl']:.2f}", flush=True)
+    return summary | {"runs": runs}
 
 
 if __name__ == "__main__":

@@ -1,33 +1,39 @@
-"""Stage kd-report: the README results block of projects/kd from the metrics files.
+"""Stage kd-report: the README results block, the figures and the headline metrics of projects/kd.
 
-Writes the ``<!-- results:start/end -->`` section of projects/kd/README.md: the image tables
-(mean ± std over seeds) from ``<image results>/{teacher,offline,online}.json``, a bar chart
-``<report.results>/image_accuracy_ece.png``, claims checked against the numbers, and the
-language-model section from ``projects.kd.report_lm.lm_section`` when that part has run.
-Nothing here is typed by hand: every number and verdict is computed from the JSON files.
+Reads the stages' results (``<image results>/{teacher,offline,online}.json``,
+``<lm results>/summary.json``, ``<bench out>/results.json``) and writes: the
+``<!-- results:start/end -->`` section of the README (tables, the claim verdicts of
+``core.report.claims.paired_claim`` with the minimum effect and MDE beside each, costs), the
+figures, ``<report.results>/claims.json`` (every verdict with its evidence) and the flat DVC
+metrics ``<report.results>/metrics.json`` (``top1.<method>``, ``ece.<method>``,
+``val_ppl.<run>``, ...). Nothing here is typed by hand: every number comes from those files.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
+import numpy as np
 
-from core.utils.io import atomic_open, replace_marked_section
+from core.engine.config import entry_parser, parse_entry
+from core.report.claims import paired_claim
+from core.report.figures import plt, save_figure
+from core.report.metrics import write_metrics
+from core.report.stats import mean_std
+from core.report.tables import fmt, fmt_mean_std, markdown_table
+from core.utils.io import atomic_write_json, replace_marked_section
+from projects.kd import DEFAULT_PARAMS
+from projects.kd.report_lm import by_seed as lm_by_seed
+from projects.kd.report_lm import lm_section
 
-DEFAULT_PARAMS = Path("projects/kd/params.yaml")
 PLOT = "image_accuracy_ece.png"
 LABELS = {
     "ce": "student alone (CE)",
     "forward_kl": "KD, forward KL (Hinton et al. 2015)",
-    "forward_kl_t2": "KD, forward KL, T 2, 0.5 CE + 0.5 KD",
-    "forward_kl_t1": "KD, forward KL, T 1, 0.5 CE + 0.5 KD",
     "reverse_kl": "reverse KL",
     "symmetric_kl": "symmetric KL (Jeffreys)",
     "js": "Jensen-Shannon (beta 0.5)",
@@ -40,224 +46,219 @@ LABELS = {
     "sinkhorn": "KD + Sinkhorn (SinKD)",
     "binary_kl": "KD + binary KL, one head",
     "dual_head_binary_kl": "Dual-Head KD (KD + BinaryKL-Norm on an aux head)",
+}
+ONLINE_LABELS = {
+    "alone": "each trained alone (CE)",
+    "ce": "student alone (offline CE: the same run)",
     "dml": "DML (forward KL both ways)",
+    "bdkd": "BD-KD, student's term balanced (Amara et al., v1 reading)",
     "bdkd_both": "BD-KD, both terms balanced (v2 reading)",
 }
-COLUMNS = (("accuracy", "top-1 %", 100, 2), ("ece", "ECE %", 100, 2), ("nll", "NLL", 1, 3))
+# metric -> (column title, scale, digits, higher is better)
+METRICS = {
+    "accuracy": ("top-1 %", 100, 2, True),
+    "ece": ("ECE %", 100, 2, False),
+    "nll": ("NLL", 1, 3, False),
+    "val_loss": ("val loss (nats)", 1, 4, False),
+}
+# (paper, claim, (source, method) a, (source, method) b, metric): "a beats b"; fixed in advance
+CLAIMS = (
+    ("Hinton et al. 2015", "KD beats the student alone", ("offline", "forward_kl"),
+     ("offline", "ce"), "accuracy"),
+    ("Hinton et al. 2015", "KD's student is better calibrated than the student alone",
+     ("offline", "forward_kl"), ("offline", "ce"), "ece"),
+    ("Zhao et al. 2022", "DKD beats KD", ("offline", "dkd"), ("offline", "forward_kl"),
+     "accuracy"),
+    ("Cui et al. 2024", "adding the Sinkhorn distance beats KD", ("offline", "sinkhorn"),
+     ("offline", "forward_kl"), "accuracy"),
+    ("Yang et al. 2024", "binary KL on an auxiliary head beats binary KL on the one head",
+     ("offline", "dual_head_binary_kl"), ("offline", "binary_kl"), "accuracy"),
+    ("Yang et al. 2024", "Dual-Head KD beats KD", ("offline", "dual_head_binary_kl"),
+     ("offline", "forward_kl"), "accuracy"),
+    ("Ko et al. 2024 (LLMs)", "skew KL beats forward KL (images)", ("offline", "skew_kl"),
+     ("offline", "forward_kl"), "accuracy"),
+    ("Wu et al. 2024 (LLMs)", "AKL beats forward KL (images)", ("offline", "akl"),
+     ("offline", "forward_kl"), "accuracy"),
+    ("Wu et al. 2024 (LLMs)", "AKL beats reverse KL (images)", ("offline", "akl"),
+     ("offline", "reverse_kl"), "accuracy"),
+    ("Zhang et al. 2018", "online DML's student beats the student trained alone",
+     ("online", "dml"), ("offline", "ce"), "accuracy"),
+    ("Amara et al.", "online BD-KD beats online DML (student top-1)", ("online", "bdkd"),
+     ("online", "dml"), "accuracy"),
+    ("Amara et al.", "online BD-KD's student is better calibrated than DML's", ("online", "bdkd"),
+     ("online", "dml"), "ece"),
+    ("Amara et al.", "online BD-KD's student beats the student trained alone", ("online", "bdkd"),
+     ("offline", "ce"), "accuracy"),
+    ("Hinton et al. 2015", "token-level KD (forward KL) beats the LM student alone",
+     ("lm", "forward_kl"), ("lm", "ce"), "val_loss"),
+    ("Gu et al. 2024 (MiniLLM)", "reverse KL beats forward KL (LM)", ("lm", "reverse_kl"),
+     ("lm", "forward_kl"), "val_loss"),
+    ("Ko et al. 2024 (DistiLLM)", "skew KL beats forward KL (LM)", ("lm", "skew_kl"),
+     ("lm", "forward_kl"), "val_loss"),
+    ("Wu et al. 2024 (AKL)", "AKL beats forward KL (LM)", ("lm", "akl"), ("lm", "forward_kl"),
+     "val_loss"),
+)  # fmt: skip
 
 
 def label(method: str, online: bool = False) -> str:
-    if online and method == "bdkd":
-        return "BD-KD, student's term balanced (Amara et al., v1 reading)"
-    return LABELS.get(method, method)
+    return (ONLINE_LABELS if online else LABELS).get(method, method)
 
 
-def cell(row: dict[str, Any], metric: str, scale: float, digits: int) -> str:
-    mean, std = scale * row[f"{metric}_mean"], scale * row[f"{metric}_std"]
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def by_seed(runs: list[dict[str, Any]], key: str = "metrics") -> dict[str, dict[int, dict]]:
-    """{method: {seed: metrics}} from a list of run records."""
+def per_seed(runs: Iterable[dict[str, Any]], key: str = "metrics") -> dict[str, dict[int, dict]]:
+    """{method: {seed: run[key]}} from a list of run records."""
     out: dict[str, dict[int, dict]] = {}
     for r in runs:
         out.setdefault(r["method"], {})[r["seed"]] = r[key]
     return out
 
 
-def compare(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, int]:
-    """Mean and standard error of the per-seed paired difference a - b over the shared seeds."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s][metric] - b[s][metric] for s in seeds]
-    if not diffs:
-        raise ValueError("no shared seeds to compare")
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
-    return statistics.fmean(diffs), se, len(diffs)
+def summary(seeds: dict[int, dict[str, float]], metric: str):
+    """:class:`core.report.stats.MeanStd` of ``metric`` over a method's seeds."""
+    return mean_std(m[metric] for m in seeds.values())
 
 
-def verdict(diff: float, se: float, higher_is_better: bool) -> str:
-    """'holds' / 'reversed' when the paired mean difference is beyond 2 standard errors in the
-    claimed / opposite direction, else 'not resolved'. A screen, not a significance test."""
-    better = diff > 0 if higher_is_better else diff < 0
-    if abs(diff) <= 2 * se:
-        return "not resolved (within 2 SE)"
-    return "holds" if better else "reversed"
+def cell(seeds: dict[int, dict[str, float]], metric: str) -> str:
+    _, scale, digits, _ = METRICS.get(metric, ("", 100, 1, True))
+    return fmt_mean_std(summary(seeds, metric), digits, scale)
 
 
-def in_run_order(result: dict[str, Any]) -> dict[str, Any]:
-    """``result`` with its summaries ordered like its runs (params order; JSON sorts keys)."""
-    order = list(dict.fromkeys(r["method"] for r in result["runs"]))
-    out = dict(result)
-    for key in ("summary", "teacher_summary"):
-        if key in result:
-            out[key] = {m: result[key][m] for m in order}
+def offline_table(teacher: dict[str, Any], offline: dict[str, dict[int, dict]]) -> str:
+    """One row per offline method (mean ± sample std over seeds) with the teacher on top."""
+    cols = ("accuracy", "ece", "nll")
+    header = ["method", *(METRICS[m][0] for m in cols), "agreement %", "Δ top-1 vs alone (pts)"]
+    t = teacher["metrics"]
+    rows = [
+        ["teacher (1 run)", *(fmt(t[m], METRICS[m][2], METRICS[m][1]) for m in cols), "100", ""]
+    ]
+    base = offline.get("ce")
+    for method, seeds in offline.items():
+        delta = ""
+        if base is not None and method != "ce":
+            diffs = [seeds[s]["accuracy"] - base[s]["accuracy"] for s in seeds if s in base]
+            delta = f"{100 * np.mean(diffs):+.2f}"
+        cells = [cell(seeds, m) for m in cols] + [cell(seeds, "agreement"), delta]
+        rows.append([label(method), *cells])
+    return markdown_table(header, rows)
+
+
+def online_table(online: list[dict[str, Any]], alone: dict[int, dict] | None) -> str:
+    """Student and teacher metrics per online method (mean ± sample std over seeds), after the
+    student alone (offline ``ce``: the same initialisation, batches and loss)."""
+    cols = ("accuracy", "ece", "nll")
+    students, teachers = per_seed(online), per_seed(online, "teacher_metrics")
+    header = ["method", *(f"student {METRICS[m][0]}" for m in cols)]
+    header += [f"teacher {METRICS[m][0]}" for m in cols]
+    rows = []
+    if alone is not None:
+        rows.append([label("ce", online=True), *(cell(alone, c) for c in cols), "", "", ""])
+    rows += [
+        [label(m, online=True), *(cell(students[m], c) for c in cols),
+         *(cell(teachers[m], c) for c in cols)]
+        for m in students
+    ]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def check_claims(
+    paired: dict[str, dict[str, dict[int, float | dict]]], min_effect: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Every claim of ``CLAIMS`` whose two methods were run: the claim rule's verdict on the
+    paired per-seed differences, oriented so that positive favours the claim."""
+    out = []
+    for paper, text, (sa, ma), (sb, mb), metric in CLAIMS:
+        a, b = paired.get(sa, {}).get(ma), paired.get(sb, {}).get(mb)
+        if a is None or b is None:
+            continue
+        seeds = sorted(set(a) & set(b))
+        value = (lambda r: r) if sa == "lm" else (lambda r, m=metric: r[m])
+        sign = 1.0 if METRICS[metric][3] else -1.0
+        diffs = [sign * (value(a[s]) - value(b[s])) for s in seeds]
+        claim = paired_claim(diffs, min_effect=min_effect[metric])
+        out.append(
+            {"paper": paper, "claim": text, "metric": metric, "a": f"{sa}/{ma}",
+             "b": f"{sb}/{mb}", **claim.as_dict()}
+        )  # fmt: skip
     return out
 
 
-def offline_table(teacher: dict[str, Any], offline: dict[str, Any]) -> str:
-    summary = offline["summary"]
-    base = summary["ce"]["accuracy_mean"]
-    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " | agreement % | Δ top-1 vs alone |"
-    lines = [head, "|---|" + "---|" * (len(COLUMNS) + 2)]
-    t = teacher["metrics"]
-    tcells = [f"{s * t[m]:.{d}f}" for m, _, s, d in COLUMNS]
-    lines.append("| teacher (1 run) | " + " | ".join(tcells) + " | 100 | |")
-    for method, row in summary.items():
-        cells = [cell(row, m, s, d) for m, _, s, d in COLUMNS]
-        delta = "" if method == "ce" else f"{100 * (row['accuracy_mean'] - base):+.2f}"
-        cells += [cell(row, "agreement", 100, 1), delta]
-        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def online_table(teacher: dict[str, Any], offline: dict[str, Any], online: dict[str, Any]) -> str:
-    head = (
-        "| method | student " + " | student ".join(c[1] for c in COLUMNS) + " | teacher "
-        + " | teacher ".join(c[1] for c in COLUMNS) + " |"
-    )  # fmt: skip
-    lines = [head, "|---|" + "---|" * (2 * len(COLUMNS))]
-    t = teacher["metrics"]
-    alone = [cell(offline["summary"]["ce"], m, s, d) for m, _, s, d in COLUMNS]
-    alone += [f"{s * t[m]:.{d}f} (1 run)" for m, _, s, d in COLUMNS]
-    lines.append("| each trained alone (CE) | " + " | ".join(alone) + " |")
-    for method, row in online["summary"].items():
-        trow = online["teacher_summary"][method]
-        cells = [cell(row, m, s, d) for m, _, s, d in COLUMNS]
-        cells += [cell(trow, m, s, d) for m, _, s, d in COLUMNS]
-        lines.append(f"| {label(method, online=True)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# (paper, claim, (source, method) a, (source, method) b, metric, higher is better)
-CLAIMS = (
-    ("Hinton et al. 2015", "KD beats the student alone", ("offline", "forward_kl"),
-     ("offline", "ce"), "accuracy", True),
-    ("Hinton et al. 2015", "KD beats the student alone (T 2, 0.5 CE + 0.5 KD)",
-     ("offline", "forward_kl_t2"), ("offline", "ce"), "accuracy", True),
-    ("Hinton et al. 2015", "KD beats the student alone (T 1, 0.5 CE + 0.5 KD)",
-     ("offline", "forward_kl_t1"), ("offline", "ce"), "accuracy", True),
-    ("Zhao et al. 2022", "DKD beats KD", ("offline", "dkd"), ("offline", "forward_kl"),
-     "accuracy", True),
-    ("Amara et al.", "online BD-KD beats online DML (student top-1)", ("online", "bdkd"),
-     ("online", "dml"), "accuracy", True),
-    ("Amara et al.", "online BD-KD is better calibrated than online DML (student ECE)",
-     ("online", "bdkd"), ("online", "dml"), "ece", False),
-    ("Amara et al.", "online BD-KD beats the student alone", ("online", "bdkd"),
-     ("offline", "ce"), "accuracy", True),
-    ("Amara et al.", "online BD-KD is better calibrated than the student alone",
-     ("online", "bdkd"), ("offline", "ce"), "ece", False),
-    ("Cui et al. 2024", "adding the Sinkhorn distance beats KD", ("offline", "sinkhorn"),
-     ("offline", "forward_kl"), "accuracy", True),
-    ("Yang et al. 2024", "binary KL on an auxiliary head beats binary KL on the one head",
-     ("offline", "dual_head_binary_kl"), ("offline", "binary_kl"), "accuracy", True),
-    ("Yang et al. 2024", "Dual-Head KD beats KD", ("offline", "dual_head_binary_kl"),
-     ("offline", "forward_kl"), "accuracy", True),
-    ("Ko et al. 2024 (LLMs)", "skew KL beats forward KL", ("offline", "skew_kl"),
-     ("offline", "forward_kl"), "accuracy", True),
-    ("Wu et al. 2024 (LLMs)", "AKL beats forward KL", ("offline", "akl"),
-     ("offline", "forward_kl"), "accuracy", True),
-    ("Wu et al. 2024 (LLMs)", "AKL beats reverse KL", ("offline", "akl"),
-     ("offline", "reverse_kl"), "accuracy", True),
-)  # fmt: skip
-
-
-def claims(runs: dict[str, dict[str, dict[int, dict]]]) -> str:
-    """One table row per claim whose two methods were run: paired difference, SE, verdict."""
-    lines = [
-        "| paper | claim | metric | mean paired difference (pts) | SE | seeds | verdict |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for paper, text, (sa, ma), (sb, mb), metric, higher in CLAIMS:
-        if ma not in runs.get(sa, {}) or mb not in runs.get(sb, {}):
-            continue
-        diff, se, n = compare(runs[sa][ma], runs[sb][mb], metric)
-        lines.append(
-            f"| {paper} | {text} | {metric} | {100 * diff:+.2f} | {100 * se:.2f} | {n} | "
-            f"{verdict(diff, se, higher)} |"
-        )
-    return "\n".join(lines)
-
-
-def ranking(offline: dict[str, Any]) -> str:
-    """A sentence: the offline methods ordered by mean top-1, and the best by ECE."""
-    summary = offline["summary"]
-    order = sorted(summary, key=lambda m: -summary[m]["accuracy_mean"])
-    best_ece = min(summary, key=lambda m: summary[m]["ece_mean"])
-    beat = [
-        m
-        for m in order
-        if m != "ce" and summary[m]["accuracy_mean"] > summary["ce"]["accuracy_mean"]
-    ]
-    return (
-        f"Offline methods by mean top-1: {', '.join(order)}. "
-        f"{len(beat)} of {len(summary) - 1} KD variants have a higher mean top-1 than the "
-        f"student alone; the lowest mean ECE is {best_ece}'s."
-    )
+def claims_table(claims: list[dict[str, Any]]) -> str:
+    header = ["paper", "claim", "metric", "difference", "95 % CI", "seeds", "min effect", "MDE",
+              "verdict"]  # fmt: skip
+    rows = []
+    for c in claims:
+        scale = METRICS[c["metric"]][1]
+        digits = 2 if scale == 100 else 3
+        unit = " pts" if scale == 100 else " nats"
+        rows.append(
+            [c["paper"], c["claim"], c["metric"],
+             f"{fmt(c['mean'], digits, scale)} ± {fmt(c['se'], digits, scale)}{unit}",
+             f"{fmt(c['ci_low'], digits, scale)} to {fmt(c['ci_high'], digits, scale)}",
+             str(c["n"]), fmt(c["min_effect"], digits, scale), fmt(c["mde"], digits, scale),
+             f"**{c['verdict']}**"]
+        )  # fmt: skip
+    return markdown_table(header, rows, align="lllrrrrrl")
 
 
 def plot(
-    offline: dict[str, Any], online: dict[str, Any], teacher: dict[str, Any], path: Path
+    offline: dict[str, dict[int, dict]],
+    online: dict[str, dict[int, dict]],
+    teacher: dict[str, Any],
+    path: Path,
 ) -> None:
-    """Bar chart of student top-1 and ECE per method (offline, then online), ± std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(m, r) for m, r in offline["summary"].items()]
-    rows += [(f"online {m}", r) for m, r in online["summary"].items()]
+    """Bar chart of student top-1 and ECE per method (offline, then online), ± sample std."""
+    rows = [(m, s) for m, s in offline.items()] + [(f"online {m}", s) for m, s in online.items()]
     names = [n for n, _ in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(rows) + 1.5), sharey=True)
-    for ax, (metric, title) in zip(
-        axes, (("accuracy", "student top-1 %"), ("ece", "student ECE %"))
-    ):
-        means = [100 * r[f"{metric}_mean"] for _, r in rows]
-        stds = [100 * r[f"{metric}_std"] for _, r in rows]
+    for ax, metric in zip(axes, ("accuracy", "ece"), strict=True):
+        stats = [summary(s, metric) for _, s in rows]
+        means, stds = [100 * x.mean for x in stats], [100 * x.std for x in stats]
         colors = [
-            "tab:gray" if n == "ce" else "tab:orange" if n.startswith("online") else "tab:blue"
+            "tab:gray" if n == "ce" else
+            "tab:orange" if n.startswith("online") else "tab:blue"
             for n in names
-        ]
+        ]  # fmt: skip
         ax.barh(range(len(rows)), means, xerr=stds, color=colors, capsize=2)
-        ax.axvline(
-            100 * offline["summary"]["ce"][f"{metric}_mean"],
-            color="k",
-            ls="--",
-            lw=1,
-            label="student alone",
-        )
+        ax.axvline(100 * summary(offline["ce"], metric).mean, color="k", ls="--", lw=1,
+                   label="student alone")  # fmt: skip
         ax.axvline(100 * teacher["metrics"][metric], color="tab:red", ls=":", lw=1, label="teacher")
-        ax.set_xlabel(title)
+        ax.set_xlabel(f"student {METRICS[metric][0]} (mean ± sample std over seeds)")
         if metric == "accuracy":
-            lo = min(m - s for m, s in zip(means, stds))
+            lo = min(m - s for m, s in zip(means, stds, strict=True))
             ax.set_xlim(lo - 1, max(100 * teacher["metrics"][metric], max(means)) + 0.5)
     axes[0].set_yticks(range(len(rows)), names)
     axes[0].invert_yaxis()
     axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
-def lm_part(results: Path) -> str:
-    """The LM section (with its heading) from projects/kd/report_lm.py when that part has run."""
-    not_run = "### Language model\n\nLM part not run"
-    if not (results / "lm" / "metrics.json").exists():
-        return not_run + "."
-    try:
-        from projects.kd.report_lm import lm_section
-    except ModuleNotFoundError as err:
-        if err.name != "projects.kd.report_lm":
-            raise
-        return not_run + " (projects/kd/report_lm.py is missing)."
-    return lm_section(results)
-
-
-TIME_TARGET, MEMORY_TARGET = 1.2, 1.25  # fused KD: x materialised time, x gradient buffers
+def headline_metrics(
+    teacher: dict[str, Any],
+    offline: dict[str, dict[int, dict]],
+    online: dict[str, dict[int, dict]],
+    lm: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Flat DVC metrics: means over seeds, top-1 and ECE in %, LM val ppl per run."""
+    top1 = {m: 100 * summary(s, "accuracy").mean for m, s in offline.items()}
+    ece = {m: 100 * summary(s, "ece").mean for m, s in offline.items()}
+    top1 |= {f"online_{m}": 100 * summary(s, "accuracy").mean for m, s in online.items()}
+    ece |= {f"online_{m}": 100 * summary(s, "ece").mean for m, s in online.items()}
+    out: dict[str, Any] = {
+        "top1": top1,
+        "ece": ece,
+        "teacher": {"top1": 100 * teacher["metrics"]["accuracy"],
+                    "ece": 100 * teacher["metrics"]["ece"]},
+    }  # fmt: skip
+    if lm is not None:
+        losses = lm_by_seed(lm)
+        out["val_ppl"] = {r: float(np.mean(np.exp(list(s.values())))) for r, s in losses.items()}
+        out["teacher"]["val_ppl"] = lm["teacher"]["val_ppl"]
+    return out
 
 
 def bench_section(params: dict[str, Any]) -> str:
     """The fused-loss benchmark table (stage kd-bench) and, per divergence, the targets' verdict."""
+    time_target, memory_target = 1.2, 1.25  # fused KD: x materialised time, x gradient buffers
     path = Path(params["bench"]["out"]) / "results.json"
     head = "### Fused linear KD loss: time and memory (stage kd-bench, this machine)"
     if not path.exists():
@@ -269,7 +270,7 @@ def bench_section(params: dict[str, Any]) -> str:
         if r.get("method") != "chunked" or "error" in r:
             continue
         t, m = r["time_vs_materialised"], r["peak_vs_grad_buffers"]
-        ok = t <= TIME_TARGET and m <= MEMORY_TARGET
+        ok = t <= time_target and m <= memory_target
         verdicts.append(
             f"- {r['divergence']}: {t:.2f} x the materialised time, {m:.2f} x the gradient "
             f"buffers -> {'both targets met' if ok else 'target missed'}"
@@ -290,80 +291,88 @@ def net_desc(spec: dict[str, Any]) -> str:
     return f"{spec['arch']} " + ", ".join(f"{k} {v}" for k, v in spec.items() if k != "arch")
 
 
-def image_section(params: dict[str, Any], readme: Path, results: Path) -> str:
-    cfg = params["image"]
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def report(params: dict[str, Any]) -> str:
+    """Write figures, claims.json, metrics.json and the README section; return the section."""
+    cfg, rep = params["image"], params["report"]
+    readme, out = Path(rep["readme"]), Path(rep["results"])
     res = Path(cfg["paths"]["results"])
-    teacher, offline, online = (
-        json.loads((res / f"{name}.json").read_text(encoding="utf-8"))
-        for name in ("teacher", "offline", "online")
-    )
-    offline, online = in_run_order(offline), in_run_order(online)
-    plot(offline, online, teacher, results / PLOT)
-    runs = {"offline": by_seed(offline["runs"]), "online": by_seed(online["runs"])}
-    student_params = offline["runs"][0]["n_params"] if offline["runs"] else 0
-    o = cfg["optim"]
+    teacher, offline_res, online_res = (_load(res / f"{n}.json") for n in ("teacher", "offline",
+                                                                          "online"))  # fmt: skip
+    if teacher is None or offline_res is None or online_res is None:
+        raise FileNotFoundError(f"{res}: run the kd-image-* stages first")
+    lm = _load(Path(params["lm"]["paths"]["results"]) / "summary.json")
+    offline, online = per_seed(offline_res["runs"]), per_seed(online_res["runs"])
+    paired: dict[str, Any] = {"offline": offline, "online": online}
+    if lm is not None:
+        paired["lm"] = lm_by_seed(lm)
+    claims = check_claims(paired, params["claims"]["min_effect"])
+    atomic_write_json(out / "claims.json", claims)
+    write_metrics(out / "metrics.json", headline_metrics(teacher, offline, online, lm))
+    plot(offline, online, teacher, out / PLOT)
+
+    d, o, to = cfg["data"], cfg["optim"], cfg["teacher_optim"]
+    seeds = sorted({r["seed"] for r in offline_res["runs"]})
+    student_params = offline_res["runs"][0]["n_params"]
     setup = (
-        f"Fashion-MNIST, {cfg['data']['train_size']} training images, the full "
-        f"{cfg['data']['test_size']}-image test set; teacher {net_desc(cfg['teacher'])} "
-        f"({teacher['n_params']:,} parameters, 1 run), student {net_desc(cfg['student'])} "
-        f"({student_params:,} parameters); Adam lr {o['lr']}, batch {o['batch_size']}, "
-        f"{o['epochs']} epochs, {o.get('schedule', 'cosine')} schedule for every network; "
-        f"seeds {cfg['seeds']} (mean ± sample std; every method of a seed starts from the same "
-        f"initialisation and batch order). ECE: {cfg['n_bins']} equal-width bins, top label."
+        f"Fashion-MNIST. Teacher {net_desc(cfg['teacher'])} ({teacher['n_params']:,} "
+        f"parameters, 1 run) trained on {d['teacher_size']} images for {to['epochs']} epochs; "
+        f"students {net_desc(cfg['student'])} ({student_params:,} parameters) on a "
+        f"{d['train_size']}-image subset of them for {o['epochs']} epochs (Adam lr {o['lr']}, "
+        f"batch {o['batch_size']}, {o.get('schedule', 'cosine')} schedule); test: the "
+        f"{d['test_size']} test images. Seeds {seeds}: mean ± sample std; every method of a seed "
+        f"starts from the same initialisation and batch order. ECE: {cfg['n_bins']} equal-width "
+        "bins, top label. Agreement: test top-1 agreement with the teacher. Δ: mean paired "
+        "top-1 difference to the student alone."
     )
-
-    def cost(result: dict[str, Any]) -> str:
-        cpu = sum(r["cpu_s"] for r in result["runs"])
-        return (
-            f"{len(result['runs'])} runs, {cpu:.0f} s training CPU, {result['wall_s']:.0f} s wall"
-        )
-
-    timing = (
-        f"Cost (shared, loaded 2-core CPU): teacher {teacher.get('cpu_s', 0):.0f} s CPU, "
-        f"{teacher['wall_s']:.0f} s wall; offline {cost(offline)}; online {cost(online)}. "
-        "Wall is this invocation's (runs reused from the per-run cache cost ~0 s); CPU is each "
-        "run's own, from when it was trained."
+    rule = (
+        "Claims fixed before the runs, checked with `core.report.claims.paired_claim`: the "
+        "paired per-seed difference (oriented so that positive favours the claim), its "
+        "standard error and 95 % t interval; **holds** = interval above 0 and mean >= the "
+        "minimum effect (params `claims.min_effect`); **does not hold** = interval below the "
+        "minimum effect; else **inconclusive**. MDE: the true effect this many seeds would "
+        "detect with 80 % power at their observed spread."
     )
-    plot_link = os.path.relpath(results / PLOT, readme.parent)
-    return "\n\n".join(
-        [
-            "### Images: offline KD, one row per divergence",
-            setup,
-            offline_table(teacher, offline),
-            "Agreement: test top-1 agreement with the teacher. Δ: mean top-1 minus the "
-            "student alone's, in points.",
-            "### Images: online KD (teacher and student trained together)",
-            online_table(teacher, offline, online),
-            f"![student top-1 and ECE per method]({plot_link})",
-            "### Which claims hold here",
-            "Paired per-seed differences (method minus comparison; for ECE lower is better). "
-            "'holds' / 'reversed' = beyond 2 standard errors of the paired difference in the "
-            "claimed / opposite direction: a screen over few seeds, not a significance test.",
-            claims(runs),
-            ranking(offline),
-            timing,
-        ]
+    online_seeds = sorted({r["seed"] for r in online_res["runs"]})
+    cpu = {k: sum(r.get("cpu_s", 0) for r in v["runs"]) for k, v in
+           (("offline", offline_res), ("online", online_res))}  # fmt: skip
+    cost = (
+        f"Cost of the last computation of each run (shared 2-core CPU): teacher "
+        f"{teacher['cpu_s']:.0f} s CPU in its last invocation; offline "
+        f"{len(offline_res['runs'])} runs, {cpu['offline']:.0f} s CPU; online "
+        f"{len(online_res['runs'])} runs ({len(online_seeds)} seeds), {cpu['online']:.0f} s CPU"
     )
+    if lm is not None:
+        cost += f"; LM {len(lm['runs'])} runs, {sum(r['cpu_s'] for r in lm['runs']):.0f} s CPU"
+    plot_link = os.path.relpath(out / PLOT, readme.parent)
+    parts = [
+        "## Results (generated by `dvc repro projects/kd/dvc.yaml`; do not edit by hand)",
+        "### Images: offline KD, one row per divergence",
+        setup,
+        offline_table(teacher, offline),
+        "### Images: online KD (teacher and student trained together on the student's subset)",
+        online_table(online_res["runs"], offline.get("ce")),
+        f"![student top-1 and ECE per method]({plot_link})",
+    ]
+    if lm is not None:
+        parts.append(lm_section(lm, Path(params["lm"]["paths"]["results"]), readme.parent))
+    else:
+        parts.append("### Language model\n\nLM part not run.")
+    parts += ["### Which claims hold here", rule, claims_table(claims), cost + ".",
+              bench_section(params)]  # fmt: skip
+    body = "\n\n".join(p.strip() for p in parts)
+    replace_marked_section(readme, "results", body)
+    return body
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
-    args = parser.parse_args(argv)
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f)
-    readme, results = Path(params["report"]["readme"]), Path(params["report"]["results"])
-    body = "\n\n".join(
-        part.strip()
-        for part in [
-            "## Results (generated by `dvc repro projects/kd/dvc.yaml`; do not edit by hand)",
-            image_section(params, readme, results),
-            lm_part(results),
-            bench_section(params),
-        ]
-    )
-    replace_marked_section(readme, "results", body)
-    print(f"kd-report: wrote {readme} and {results / PLOT}", flush=True)
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+    _, params, _ = parse_entry(parser, argv)
+    body = report(params)
+    print(f"kd-report: wrote {params['report']['readme']}", flush=True)
     return body
 
 
