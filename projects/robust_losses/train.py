@@ -115,11 +115,18 @@ def train_run(p: dict, data: dict[str, Any], job: Job) -> dict[str, Any]:
 
 
 def _init(p: dict) -> dict[str, Any]:
-    return {"p": p, "data": prepare_data(p)}
+    """Per-process state: params and data. A pool whose initializer raises respawns its
+    workers forever, so a failure (e.g. missing data) is handed to the jobs to raise."""
+    try:
+        return {"p": p, "data": prepare_data(p)}
+    except Exception as err:
+        return {"p": p, "error": err}
 
 
 def _job(job: Job, state: dict[str, Any]) -> tuple[Job, dict[str, Any]]:
     """One run, or its stored result while its identity holds (in a worker process)."""
+    if "error" in state:
+        raise state["error"]
     p = state["p"]
     fn = lambda: train_run(p, state["data"], job)  # noqa: E731
     return job, cached_run(run_path(p, job), job_config(p, job), fn, [p["paths"]["data"]])

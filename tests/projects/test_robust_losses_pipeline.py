@@ -153,3 +153,10 @@ def test_report_regenerates_the_committed_readme_section_byte_for_byte(tmp_path)
     assert readme.read_bytes() == (PROJECT / "README.md").read_bytes()
     for name in ("metrics.json", "report.json"):
         assert (out / name).read_bytes() == (results / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_missing_data_fails_in_worker_processes_instead_of_hanging(tmp_path):
+    args = _params(tmp_path, tmp_path / "absent", workers=2)
+    with pytest.raises(FileNotFoundError, match="processed Fashion-MNIST missing"):
+        train.main(args)
