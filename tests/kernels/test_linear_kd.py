@@ -336,3 +336,28 @@ def test_teacher_masked_vocabulary_rows_end_to_end():
         unfused = get_divergence(name)(zs, zt, targets=y)
         torch.testing.assert_close(fused[0], unfused.detach(), rtol=1e-10, atol=1e-12)
         assert all(torch.isfinite(x).all() for x in fused)
+
+
+@pytest.mark.parametrize(
+    ("skew", "plain"), [("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")]
+)
+def test_skew_at_lam_zero_is_the_plain_kl_even_where_probabilities_underflow(skew, plain):
+    """lam = 0: the mixture is the student (teacher) distribution itself; from probabilities it
+    underflows (q ~ e^-135 in fp32) and the closed form must not floor it."""
+    s = torch.tensor([[-81.6, 53.6], [3.0, -2.0]])
+    t = torch.tensor([[-1.39, 0.915], [0.2, 0.1]])
+    got, g = fused_divergence(skew, lam=0.0)(s.clone(), t.clone(), True)
+    want, g_want = fused_divergence(plain)(s.double(), t.double(), True, exact=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.double(), g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_log_softmax_is_exact_near_the_row_maximum():
+    """The closed forms' in-place log-softmax keeps fp32 log q exact near the maximum at large
+    logits (x - logsumexp(x) loses ulp(165) ~ 1.5e-5 there)."""
+    from core.losses.divergences import _log_softmax_
+
+    x = torch.tensor([[29.6, 153.0, 66.7, 165.4]])
+    want = torch.log_softmax(x.double(), -1)
+    got = _log_softmax_(x.clone())
+    assert (got.double() - want)[0, [1, 3]].abs().max() < 1e-6  # log q = -12.4 and -4e-6
