@@ -3,6 +3,7 @@ the gpu variant, tokens/s and FLOPs, run identity of a real train stage, report.
 
 import json
 import math
+import shutil
 import types
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from core.engine import variants
 from core.engine.config import load_params, parse_entry
 from core.engine.trainer import TRAINER_KEYS, build_trainer
 from core.models.gpt import GPT, GPTConfig
+from core.utils.show_results import results_sections
 from projects.cce import bench, report, tokenizer, train
 from projects.cce.bench import bench_command
 from projects.cce.data import TokenWindows
@@ -328,3 +330,20 @@ def test_runs_table_when_tokens_per_s_was_not_measured():
     agree = {"val_loss_rel_diff": 0.0, "val_ppl_rel_diff": 0.0, "within_tolerance": True}
     text = report.runs_table({"torch": run, "cce": run}, agree, 0.01)
     assert "| cce | 1.0000 | 2.72 | — | 9 | 2 |" in text and "not measured" in text
+
+
+def test_report_regenerates_the_committed_readme_section(tmp_path):
+    """From the committed results, the report writes the committed README section, metrics
+    and report.json byte for byte (figures too: no timestamps in the PNGs)."""
+    p = load_params(PROJECT / "params.yaml")
+    results = ROOT / p["paths"]["results"]
+    shutil.copytree(results, tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    p["paths"]["results"] = str(tmp_path / "results")
+    p["bench"]["out"] = str(tmp_path / "results" / Path(p["bench"]["out"]).name)
+    build_report(p, readme)
+    committed = (PROJECT / "README.md").read_text(encoding="utf-8")
+    assert results_sections(readme.read_text()) == results_sections(committed)[:1]
+    for name in ("metrics.json", "report.json", "loss_curves.png"):
+        assert (tmp_path / "results" / name).read_bytes() == (results / name).read_bytes(), name
