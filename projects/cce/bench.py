@@ -1,37 +1,244 @@
-"""Stage cce-bench: loss+grad memory and time of linear cross-entropy implementations.
+"""Stage cce-bench: loss + gradient memory and time of linear cross-entropy implementations.
 
-Runs ``python -m kernels.cce.benchmark`` with the sizes in ``params.bench`` (N tokens, vocabulary
-V, hidden D, a V sweep), writing ``results.json``, ``results.md`` and ``memory_time_vs_v.png``
-into ``bench.out``. The benchmark itself lives with the kernel (kernels/cce/benchmark.py).
+Measured by the kernels' shared harness (``kernels.bench.harness``: one fresh process per case,
+peak memory above the inputs, interleaved rounds, one JSON layout). ``params.bench``: N tokens,
+vocabulary V, hidden D, a V ``sweep``, ``repeats`` per process, ``rounds`` (the method list runs
+that many times interleaved at the main V; a row is its median round) and optionally
+``methods``. ``cce_chunked@1.5`` is the chunked path with ``memory_target`` 1.5. Writes
+``results.json`` (the harness layout; each row adds its time over the 6 N V D flops bound at the
+measured sgemm rate, wall and CPU), ``results.md`` and ``memory_time_vs_v.png`` (on CPU its time
+axis is process CPU time) into ``bench.out``, rewritten after every case.
+Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """
 
 from __future__ import annotations
 
-import subprocess
+import io
 import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from core.engine.config import entry_parser, parse_entry
+from core.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from kernels.bench import harness
 from projects.cce import DEFAULT_PARAMS
 
+CPU_METHODS = [
+    "cce_chunked",
+    "cce_chunked@1.5",
+    "torch_eager",
+    "torch_lce",
+    "torch_lce_chunked",
+    "peer_torch_compile",
+]
+CUDA_METHODS = CPU_METHODS + ["cce_triton", "peer_cce", "liger"]
+MATERIALISED = {"torch_eager", "torch_lce", "peer_torch_compile"}
+MAX_LOGITS_GB = 6.0  # materialising methods are skipped above 3 x N x V x 4 bytes
+MODULE = "projects.cce.bench"  # the harness's workers run ``python -m MODULE --worker ...``
 
-def bench_command(cfg: dict) -> list[str]:
-    """The ``kernels.cce.benchmark`` command line for a ``bench:`` params block."""
-    cmd = [sys.executable, "-m", "kernels.cce.benchmark", "--out", str(cfg["out"])]
-    for key in ("n", "v", "d", "repeats", "rounds"):
-        if key in cfg:
-            cmd += [f"--{key}", str(cfg[key])]
-    if cfg.get("sweep"):
-        cmd += ["--sweep", ",".join(str(v) for v in cfg["sweep"])]
-    if cfg.get("methods"):
-        cmd += ["--methods", ",".join(cfg["methods"])]
-    return cmd
+
+def loss_fn(name: str):
+    """(e, c, targets) -> scalar mean loss for the named implementation."""
+    if name == "cce_chunked" or name.startswith("cce_chunked@"):
+        from core.losses.linear_ce import linear_cross_entropy
+
+        target = float(name.split("@", 1)[1]) if "@" in name else None
+        return lambda e, c, t: linear_cross_entropy(e, c, t, impl="chunked", memory_target=target)
+    if name == "cce_triton":
+        from core.losses.linear_ce import linear_cross_entropy
+
+        return lambda e, c, t: linear_cross_entropy(e, c, t, impl="triton")
+    if name == "torch_eager":
+        return lambda e, c, t: F.cross_entropy((e @ c.T).float(), t)
+    if name == "torch_lce":
+        return lambda e, c, t: F.linear_cross_entropy(e, c, t)
+    if name == "torch_lce_chunked":
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return lambda e, c, t: F.linear_cross_entropy(e, c, t, options=opts)
+    if name in ("peer_torch_compile", "peer_cce"):
+        from cut_cross_entropy import linear_cross_entropy as peer
+
+        impl = "torch_compile" if name == "peer_torch_compile" else "cce"
+        return lambda e, c, t: peer(e, c, t, impl=impl)
+    if name == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda e, c, t: liger_fused_linear_cross_entropy(e, c, t)
+    raise ValueError(f"unknown method {name!r}; known: {CUDA_METHODS}")
+
+
+def build(case: dict):
+    """The harness's inputs for one case: e (n, d), c (v, d), targets (n,) -> (forward, [e, c])."""
+    dev = torch.device(case["device"])
+    fn = loss_fn(case["method"])
+    n, v, d = case["n"], case["v"], case["d"]
+    e = (torch.randn(n, d, device=dev) / d**0.25).requires_grad_()
+    c = (torch.randn(v, d, device=dev) / d**0.25).requires_grad_()
+    t = torch.randint(0, v, (n,), device=dev)
+    return (lambda: fn(e, c, t)), [e, c]
+
+
+def available(method: str, device: str) -> str | None:
+    """None if the method can run here, else the reason it is skipped."""
+    try:
+        if method == "liger":
+            import liger_kernel  # noqa: F401
+        if method.startswith("peer"):
+            import cut_cross_entropy  # noqa: F401
+        if method == "torch_lce_chunked" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return "torch.nn.LinearCrossEntropyOptions missing"
+    except ImportError as err:
+        return f"not importable: {err}"
+    if method in ("cce_triton", "peer_cce", "liger") and device != "cuda":
+        return "needs CUDA"
+    return None
+
+
+def sgemm_rate(n: int, v: int, d: int, device: str) -> tuple[float, float]:
+    """fp32 FLOP/s of the three GEMMs of a linear CE step on the full shapes: 6 N V D / time.
+
+    Returns (per wall-clock second, per process-CPU second); the second is robust to other
+    processes sharing the cores.
+    """
+    dev = torch.device(device)
+    e, c = torch.randn(n, d, device=dev), torch.randn(v, d, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(3):
+        sync()
+        t0, p0 = time.perf_counter(), time.process_time()
+        logits = e @ c.T  # (N, V)
+        _ = logits @ c  # (N, D)
+        _ = logits.T @ e  # (V, D)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - p0)
+        del logits
+    return 6 * n * v * d / best, 6 * n * v * d / best_cpu
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The results table with its measurement note."""
+    head = ("| method | V | fwd s | bwd s | fwd+bwd s | x 6NVD bound | CPU s | x 6NVD CPU bound "
+            "| peak MB above inputs | x grad buffers | fwd+bwd s per round |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    lines = []
+    for r in rows:
+        if "fwd_bwd_s" not in r:
+            why = r.get("error") or r.get("skipped")
+            lines.append(f"| {r['method']} | {r['v']} | {why} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['v']} | {r['fwd_s']:.3f} | {r['bwd_s']:.3f} | "
+            f"{r['fwd_bwd_s']:.3f} | {r['time_vs_bound']:.2f} | {r['fwd_bwd_cpu_s']:.3f} | "
+            f"{r['cpu_time_vs_bound']:.2f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
+            f"{r['peak_vs_grad_buffers']:.2f} | "
+            + " / ".join(f"{x['fwd_bwd_s']:.3f}" for x in r.get("rounds", []))
+            + " |"
+        )
+    intro = (
+        f"Linear cross-entropy, N={meta['n']}, D={meta['d']}, fp32, device {meta['device']} "
+        f"({meta['threads']} threads); sgemm rate {meta['sgemm_gflops']:.1f} GFLOP/s wall, "
+        f"{meta['sgemm_gflops_per_cpu_s']:.1f} GFLOP per CPU-second (6NVD bound at V={meta['v']}: "
+        f"{meta['bound_s']:.3f} s); each process: best of the steady call and {meta['repeats']} "
+        f"more; at V={meta['v']} the method list ran {meta.get('rounds', 1)} times interleaved "
+        "and a row shows its median round; CPU s = process CPU time (robust to other load on "
+        f"shared cores); memory: peak above inputs (largest over rounds). Measured by "
+        f"{harness.MEASURE}.\n\n"
+    )
+    return intro + head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, cpu_time: bool) -> None:
+    """Peak memory and time against V, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        ok = [r for r in rows if r["method"] == m and "fwd_bwd_s" in r]
+        if ok:
+            vs = [r["v"] for r in ok]
+            ax_m.plot(vs, [r["peak_mem_bytes"] / 2**20 for r in ok], "o-", label=m)
+            ax_t.plot(
+                vs, [r["fwd_bwd_cpu_s" if cpu_time else "fwd_bwd_s"] for r in ok], "o-", label=m
+            )
+    t_label = "forward+backward, process CPU s" if cpu_time else "forward+backward (s)"
+    for ax, lab in ((ax_m, "peak memory above inputs (MB)"), (ax_t, t_label)):
+        ax.set(xscale="log", yscale="log", xlabel="vocabulary size V", ylabel=lab)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)  # redrawn after every run
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _with_bounds(row: dict, rate: float, cpu_rate: float) -> dict:
+    if "fwd_bwd_s" in row:
+        flops = 6 * row["n"] * row["v"] * row["d"]
+        row = row | {
+            "time_vs_bound": row["fwd_bwd_s"] / (flops / rate),
+            "cpu_time_vs_bound": row["fwd_bwd_cpu_s"] / (flops / cpu_rate),
+        }
+    return row
+
+
+def run(cfg: dict, device: str, threads: int | None = None) -> dict:
+    """The whole sweep of a ``bench:`` params block (``threads``: torch threads per worker,
+    default torch's); returns the document it wrote."""
+    n, v, d, out = cfg["n"], cfg["v"], cfg["d"], Path(cfg["out"])
+    methods = cfg.get("methods") or (CUDA_METHODS if device == "cuda" else CPU_METHODS)
+    rate, cpu_rate = sgemm_rate(n, v, d, device)
+    meta = {"n": n, "v": v, "d": d, "device": device, "repeats": cfg.get("repeats", 2),
+            "rounds": cfg.get("rounds", 1), "threads": threads or torch.get_num_threads(),
+            "sgemm_gflops": rate / 1e9, "sgemm_gflops_per_cpu_s": cpu_rate / 1e9,
+            "bound_s": 6 * n * v * d / rate, "grad_buffer_bytes": (n + v) * d * 4,
+            "torch": torch.__version__}  # fmt: skip
+    done: list[dict] = []
+
+    def write(rows: list[dict]) -> dict:
+        rows = sorted(done + rows, key=lambda r: (r["v"] != v, r["v"]))  # the main V first
+        doc = harness.document(meta, [_with_bounds(r, rate, cpu_rate) for r in rows])
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "results.json", doc)
+        atomic_write_text(out / "results.md", markdown(doc["rows"], meta))
+        plot(doc["rows"], out / "memory_time_vs_v.png", cpu_time=device == "cpu")
+        return doc
+
+    for vv in sorted({int(x) for x in cfg.get("sweep", [])} | {v}):
+        cases = []
+        for m in methods:
+            case = {"method": m, "n": n, "v": vv, "d": d, "device": device,
+                    "repeats": meta["repeats"], "threads": threads or 0}  # fmt: skip
+            reason = available(m, device)
+            if reason is None and m in MATERIALISED and 3 * n * vv * 4 > MAX_LOGITS_GB * 2**30:
+                reason = f"skipped: 3 x N x V x 4 B > {MAX_LOGITS_GB} GB"
+            if reason:
+                done.append(case | {"skipped": reason})
+            else:
+                cases.append(case)
+        rounds = meta["rounds"] if vv == v else 1
+        done += harness.sweep(MODULE, cases, rounds, on_update=write)
+    return write([])
 
 
 def main(argv: list[str] | None = None) -> None:
-    _, params, _ = parse_entry(entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS), argv)
-    cmd = bench_command(params["bench"])
-    print("bench:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    """Stage entry point; ``--worker '<case json>'`` measures one case (the harness's child)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        harness.worker_main(build, argv)
+        return
+    parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args, params, _ = parse_entry(parser, argv)
+    run(params["bench"], args.device, args.threads)
 
 
 if __name__ == "__main__":

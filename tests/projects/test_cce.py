@@ -19,7 +19,6 @@ from core.engine.trainer import TRAINER_KEYS, build_trainer
 from core.models.gpt import GPT, GPTConfig
 from core.utils.show_results import results_sections
 from projects.cce import bench, report, tokenizer, train
-from projects.cce.bench import bench_command
 from projects.cce.data import TokenWindows
 from projects.cce.report import build_report, headline_metrics, relative_diff
 from projects.cce.tokenizer import EOS, byte_capped, encode_documents, train_tokenizer
@@ -137,20 +136,21 @@ def test_entry_point_help(module, capsys):
     assert "--params" in capsys.readouterr().out
 
 
-def test_bench_command_from_params():
-    cfg = {"out": "o", "n": 8, "v": 16, "d": 4, "repeats": 2, "sweep": [16, 32]}
-    cmd = bench_command(cfg)
-    assert cmd[1:] == ["-m", "kernels.cce.benchmark", "--out", "o", "--n", "8", "--v", "16"] + [
-        "--d",
-        "4",
-        "--repeats",
-        "2",
-        "--sweep",
-        "16,32",
-    ]
-    cmd = bench_command(cfg | {"rounds": 3, "methods": ["cce_chunked", "peer_torch_compile"]})
-    assert cmd[cmd.index("--rounds") + 1] == "3"
-    assert cmd[-2:] == ["--methods", "cce_chunked,peer_torch_compile"]
+def test_bench_cases_build_each_method():
+    """The bench's cases on the shared harness: every CPU method computes the same loss from the
+    same seeded inputs; CUDA-only ones are skipped with a reason; unknown names are refused."""
+    losses = {}
+    for method in bench.CPU_METHODS:
+        if bench.available(method, "cpu"):
+            continue
+        torch.manual_seed(0)
+        forward, leaves = bench.build({"method": method, "n": 8, "v": 16, "d": 4, "device": "cpu"})
+        losses[method] = forward().item()
+        assert [x.shape for x in leaves] == [(8, 4), (16, 4)]
+    assert len(losses) >= 3 and max(losses.values()) - min(losses.values()) < 1e-5
+    assert bench.available("cce_triton", "cpu") == "needs CUDA"
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.loss_fn("nope")
 
 
 OUTPUTS = ("paths.data", "paths.runs", "paths.results", "bench.out", "report.readme_section")
@@ -183,7 +183,7 @@ def test_every_stage_parses_the_params_and_variant(variant):
     GPTConfig(**p["model"])
     assert p["model"]["vocab_size"] >= p["data"]["vocab_size"]
     assert set(p["trainer"]) <= TRAINER_KEYS and "enable_progress_bar" not in p["trainer"]
-    assert bench_command(p["bench"])[2] == "kernels.cce.benchmark"
+    assert {"out", "n", "v", "d", "repeats", "rounds"} <= set(p["bench"])
     assert 0 < p["report"]["agreement_tol"] < 1
     if variant:
         default = load_params(PROJECT / "params.yaml")
@@ -264,10 +264,11 @@ def _bench(bench: Path) -> None:
     for method, walls in rounds.items():
         row = {"method": method, "n": 8, "v": 16, "d": 4, "fwd_bwd_s": sorted(walls)[1]}
         row |= {"fwd_bwd_cpu_s": 2 * row["fwd_bwd_s"], "time_vs_bound": 1.18}
-        row |= {"cpu_time_vs_bound": 1.19, "mem_vs_grad_buffers": 1.24}
+        row |= {"cpu_time_vs_bound": 1.19, "peak_mem_bytes": 1240}  # 1.24 x the grad buffers
         row["rounds"] = [{"fwd_bwd_s": w, "fwd_bwd_cpu_s": 2 * w} for w in walls]
         rows.append(row)
-    (bench / "results.json").write_text(json.dumps({"meta": {"v": 16}, "rows": rows}))
+    meta = {"v": 16, "grad_buffer_bytes": 1000}
+    (bench / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}))
 
 
 def test_report_table_agreement_metrics_and_readme(tmp_path):
