@@ -105,6 +105,7 @@ def test_sweep_interleaves_rounds_in_fresh_processes_and_keeps_errors(tmp_path, 
     assert doc["harness"] == harness.MEASURE and json.loads(json.dumps(doc)) == doc
 
 
+@pytest.mark.filterwarnings("ignore:Data has no positive values")  # tiny shapes: peak 0 MB
 def test_cce_bench_stage_smoke(tmp_path, capsys):
     """The stage on the harness at a tiny shape: the JSON layout, the table, the report's
     targets parse it."""
