@@ -10,6 +10,9 @@ during the forward and backward only scales them (6 N V D flops in all); per-row
 ("none", extra outputs such as CCE's LSE) get values in the forward (2 N V D) and gradients in a
 backward that recomputes each chunk with the per-row output gradients (6 N V D). A loss
 subclasses ``ChunkLoss`` and writes only ``chunk``. Memory O(chunk x V + N x D + V x D).
+Vocabulary parallelism (``ChunkLoss.vocab``, see ``kernels.vocab_parallel``): c is this rank's
+shard of the vocabulary rows; the chunk maths combine their row statistics over the group, this
+core sizes the chunks alike on every rank and all-reduces dE; dC stays local.
 
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv:2411.09009;
 Hsu et al. 2024, "Liger Kernel", arXiv:2410.10989 (its fused-linear chunked-loss base class).
@@ -138,6 +141,7 @@ class ChunkLoss:
     n_buffers: int = 1  # (chunk, V) acc-dtype buffers alive at a chunk's peak, logits included
     n_outputs: int = 1  # per-row outputs: the loss first, then extras (CCE: its LSE)
     transposed: bool = True  # the chunk's logits stored (V, k) (see chunk_logits)
+    vocab = None  # a kernels.vocab_parallel.VocabShard when c is this rank's vocabulary shard
 
     def chunk(self, z: torch.Tensor, rows: slice | torch.Tensor, w: tuple | None):
         """Per-row outputs of one chunk and, given output weights, the gradient w.r.t. z.
@@ -234,6 +238,14 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
     return outs, (de, dc, db)
 
 
+def _reduce_de(loss: ChunkLoss, grads: tuple) -> None:
+    """On a vocabulary shard, dE holds this shard's part sum_j g_ij c_j: all-reduce it here,
+    inside the autograd Function, so every rank's e (and what produced it) gets the full
+    gradient; dC and dbias stay local."""
+    if loss.vocab is not None and grads[0] is not None:
+        loss.vocab.all_reduce_(grads[0])
+
+
 class _FusedLinear(torch.autograd.Function):
     """Gradients during the forward (scalar loss) or recomputed in backward (per-row outputs)."""
 
@@ -248,6 +260,8 @@ class _FusedLinear(torch.autograd.Function):
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
         weights = (e_a.new_full((n_valid,), scale),) if eager else None
         outs, grads = _sweep(e_a, c_a, b_a, loss, valid, n_valid, chunk_size, weights, want)
+        if eager:
+            _reduce_de(loss, grads)
         ctx.eager, ctx.grads, ctx.dtypes = eager, grads, (e.dtype, c.dtype)
         ctx.opts = (ignore_index, loss, reduction, chunk_size, scale, want)
         if any(want) and not eager:
@@ -282,6 +296,7 @@ class _FusedLinear(torch.autograd.Function):
                 w = [x if x is None else x.index_select(0, valid) for x in w]
             b_a = bias.to(acc) if bias is not None else None
             _, grads = _sweep(e.to(acc), c.to(acc), b_a, loss, valid, n_valid, chunk_size, w, want)
+            _reduce_de(loss, grads)
         de, dc, db = grads
         return (
             de.to(ctx.dtypes[0]) if de is not None else None,
@@ -308,10 +323,13 @@ def fused_linear_loss(
     e (N, D), c (V, D), bias (V,) or None, targets (N,) int64 or None (every row counts).
     Returns (loss, *extras) in the accumulation dtype: loss a scalar (mean over the valid rows,
     0 if none; or sum) or (N,) for "none" (0 on ignored rows); extras (N,). ``chunk_size`` (rows
-    per chunk) overrides ``memory_target`` (default MEMORY_TARGET), from which it is derived.
+    per chunk) overrides ``memory_target`` (default MEMORY_TARGET), from which it is derived. On a
+    vocabulary shard (``loss.vocab``) every rank sizes its chunks for the largest shard, so all
+    ranks run the same chunks and their collectives pair up.
     """
     if chunk_size is None:
         target = MEMORY_TARGET if memory_target is None else memory_target
         n, (v, d) = e.shape[0], c.shape
+        v = v if loss.vocab is None else max(loss.vocab.sizes)
         chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_buffers, target)
     return _FusedLinear.apply(e, c, bias, targets, ignore_index, loss, reduction, int(chunk_size))

@@ -1,6 +1,8 @@
 """Front door of the fused linear cross-entropy (Cut Cross-Entropy): validation + dispatch.
 
-loss_i = LSE_j(e_i . c_j + b_j) - (e_i . c_{t_i} + b_{t_i}) without the (N, V) logits.
+loss_i = LSE_j(e_i . c_j + b_j) - (e_i . c_{t_i} + b_{t_i}) without the (N, V) logits, with
+optional label smoothing, z-loss and vocabulary parallelism (the head split by rows over a
+process group, as in Megatron-LM's vocab-parallel cross-entropy, arXiv:1909.08053).
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """
 
@@ -10,11 +12,13 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from core.losses._registry import LOSSES
 from kernels.cce.api import IMPLS, linear_cross_entropy_impl
 from kernels.chunking import check_options
+from kernels.vocab_parallel import VocabShard
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -29,7 +33,7 @@ def _real(name: str, value, allowed: str, ok) -> None:
 
 def _validate(
     e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, return_lse, impl,
-    memory_target,
+    memory_target, label_smoothing, z_loss,
 ) -> None:  # fmt: skip
     check_options(
         reduction=reduction, ignore_index=ignore_index, memory_target=memory_target, impl=impl,
@@ -78,6 +82,8 @@ def _validate(
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     if softcap is not None:
         _real("softcap", softcap, "None or a finite number > 0", lambda x: 0 < x < math.inf)
+    _real("label_smoothing", label_smoothing, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+    _real("z_loss", z_loss, "a finite number >= 0", lambda x: 0 <= x < math.inf)
     if filter_eps not in (None, "auto", "high"):
         _real(
             "filter_eps",
@@ -85,14 +91,72 @@ def _validate(
             "None, 'auto', 'high' or a number in [0, 1)",
             lambda x: 0 <= x < 1,
         )
-    v = c.shape[0]
+
+
+def check_target_range(targets: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Class ids in [0, n_classes) or ignore_index, else a ValueError naming the first bad one."""
     t = targets.to(torch.int64)  # uint8 ids would wrap a negative ignore_index
-    bad = ((t < 0) | (t >= v)) & (t != ignore_index)
+    bad = ((t < 0) | (t >= n_classes)) & (t != ignore_index)
     if bool(bad.any()):
-        value = int(t[bad][0])
         raise ValueError(
-            f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; found {value}"
+            f"targets must lie in [0, {n_classes}) or equal ignore_index={ignore_index}; "
+            f"found {int(t[bad][0])}"
         )
+
+
+def _dtensor_local(x, name: str, shard: bool):
+    """(local tensor, its mesh's group or None) of a DTensor sharded on dim 0 (``shard``) or
+    replicated, on a 1-D mesh; a plain tensor (or None) comes back as it is."""
+    if not dist.is_available():
+        return x, None
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(x, DTensor):
+        return x, None
+    want = Shard(0) if shard else Replicate()
+    if x.device_mesh.ndim != 1 or tuple(x.placements) != (want,):
+        raise ValueError(
+            f"{name} as a DTensor must be {want} on a 1-D device mesh, got placements "
+            f"{tuple(x.placements)} on a {x.device_mesh.ndim}-D mesh"
+        )
+    return x.to_local(), x.device_mesh.get_group(0)
+
+
+def local_heads(process_group, dense: dict, sharded: dict) -> tuple[object, dict]:
+    """(the process group of a vocabulary-parallel loss or None, every tensor local).
+
+    ``sharded``: name -> this rank's vocabulary rows (V_r, ...) (a DTensor sharded on dim 0
+    gives its local rows and its mesh's group); ``dense``: name -> a replicated tensor (a
+    replicated DTensor gives its local copy). A group from ``process_group`` and from DTensors
+    must agree.
+    """
+    groups, out = {}, {}
+    for names, shard in ((dense, False), (sharded, True)):
+        for name, x in names.items():
+            out[name], g = _dtensor_local(x, name, shard)
+            if g is not None:
+                groups[name] = g
+    if process_group is not None:
+        if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup or None, got "
+                f"{type(process_group).__name__}"
+            )
+        groups["process_group"] = process_group
+    if len({tuple(dist.get_process_group_ranks(g)) for g in groups.values()}) > 1:
+        raise ValueError(f"the process groups of {sorted(groups)} differ")
+    return next(iter(groups.values()), None), out
+
+
+def vocab_split(group, head: torch.Tensor) -> VocabShard | None:
+    """The vocabulary split over ``group`` (None: single process) from one all-gather of every
+    rank's head rows; each shard must hold >= 1 row."""
+    if group is None:
+        return None
+    vocab = VocabShard.gather(group, head.shape[0], head.device)
+    if min(vocab.sizes) < 1:
+        raise ValueError(f"every vocabulary shard needs >= 1 row, got shard sizes {vocab.sizes}")
+    return vocab
 
 
 @LOSSES.register(paper="Wijmans et al. 2024, arXiv:2411.09009")
@@ -110,6 +174,9 @@ def linear_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     memory_target: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T + bias`` against ``targets`` without materialising the logits.
 
@@ -124,12 +191,25 @@ def linear_cross_entropy(
     tests only). ``memory_target`` (the chunked path's; refused with impl "triton" or
     "reference", unused when "auto" picks Triton): the peak memory above the inputs as a multiple
     of the gradient buffers ((N + V) x D), default 1.25; more buys bigger chunks, faster GEMMs.
+    ``label_smoothing`` in [0, 1]: torch.nn.functional.cross_entropy's ((1 - eps) CE + eps
+    (lse - mean_j z_j); ignored tokens excluded). ``z_loss`` >= 0: PaLM's z_loss * lse^2 added
+    to each token's loss, gradient fused (Chowdhery et al. 2022, arXiv:2204.02311; not de
+    Brebisson & Vincent's Z-loss). ``process_group`` (or a DTensor c sharded on dim 0 on a 1-D
+    mesh, whose mesh gives the group): vocabulary parallelism. c and bias hold this rank's
+    contiguous rows of the vocabulary (shards may differ in size; rank order), targets are
+    global ids and e is replicated (same e and targets on every rank); every rank gets the
+    global loss (and LSE), its own shard's gradient for c and bias, and the full gradient for e
+    (all-reduced inside the autograd Function). Paths "chunked" and "triton".
     Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
     """
+    group, local = local_heads(process_group, {"e": e}, {"c": c, "bias": bias})
+    e, c, bias = local["e"], local["c"], local["bias"]
     _validate(
         e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, return_lse, impl,
-        memory_target,
+        memory_target, label_smoothing, z_loss,
     )  # fmt: skip
+    vocab = vocab_split(group, c)
+    check_target_range(targets, c.shape[0] if vocab is None else vocab.total, ignore_index)
     return linear_cross_entropy_impl(
         e,
         c,
@@ -143,6 +223,9 @@ def linear_cross_entropy(
         return_lse=return_lse,
         impl=impl,
         memory_target=memory_target,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        vocab=vocab,
     )
 
 
@@ -162,6 +245,9 @@ class LinearCrossEntropy(nn.Module):
         return_lse: bool = False,
         impl: str = "auto",
         memory_target: float | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        process_group=None,
     ) -> None:
         super().__init__()
         self.options = dict(
@@ -173,6 +259,9 @@ class LinearCrossEntropy(nn.Module):
             return_lse=return_lse,
             impl=impl,
             memory_target=memory_target,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            process_group=process_group,
         )
 
     def forward(

@@ -1,7 +1,8 @@
 """Triton backward of Cut Cross-Entropy: recompute each logit tile, skip negligible tiles.
 
 One program per (row block, vocabulary block) tile: it recomputes the logits over D, forms
-d = softmax - onehot (plus the LSE-gradient term), skips the tile when every |d| is below
+d = softmax - onehot (label smoothing: minus the smoothed target distribution; plus the
+LSE-gradient term), skips the tile when every |d| is below
 ``filter_eps`` (gradient filtering), scales by the per-row output gradients, applies the softcap
 chain rule and atomically adds d @ C into dE, d^T @ E into dC and the column sums into dbias
 (fp32 accumulators). An optional vocabulary permutation (sorted by average logit) makes the
@@ -22,10 +23,10 @@ from kernels.cce.triton_utils import dot_precision, mma, tanh_softcap, upcast_do
 @triton.jit
 def _cce_bwd_kernel(
     E, C, Bias, Targets, Rows, Lse, WLoss, WLse, VPerm, DE, DC, DBias,
-    n_rows, V, D, softcap, filter_eps,
+    n_rows, V, D, softcap, filter_eps, smoothing, smooth_per_class,
     stride_en, stride_ed, stride_cv, stride_cd,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
-    HAS_PERM: tl.constexpr, FILTER: tl.constexpr,
+    HAS_PERM: tl.constexpr, FILTER: tl.constexpr, SMOOTH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -67,7 +68,11 @@ def _cce_bwd_kernel(
     p = tl.where(tile_mask, tl.exp(acc - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V) softmax
     tgt = tl.load(Targets + rows, mask=i_mask, other=-1)
     onehot = (offs_v[None, :] == tgt[:, None]) & tile_mask
-    d = p - onehot.to(tl.float32)
+    if SMOOTH:  # the target distribution (1 - eps) onehot + eps / V_total
+        d = p - (1.0 - smoothing) * onehot.to(tl.float32)
+        d = tl.where(tile_mask, d - smooth_per_class, 0.0)
+    else:
+        d = p - onehot.to(tl.float32)
     if FILTER:
         size = tl.abs(d)
         if HAS_LSE_GRAD:
@@ -120,12 +125,17 @@ def cce_backward(
     block_n: int = 64,
     block_v: int = 128,
     block_d: int = 32,
+    label_smoothing: float = 0.0,
+    n_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of sum_i w_loss_i * loss_i + w_lse_i * lse_i over the selected rows.
 
-    e (N, D), c (V, D), bias (V,), targets (N,), rows (R,) int64, lse / w_loss / w_lse (R,)
-    fp32, vocab_perm (V,) optional vocabulary order -> dE (N, D), dC (V, D), dbias (V,), all
-    fp32 (rows not selected get zero). Wijmans et al. 2024, arXiv 2411.09009.
+    e (N, D), c (V, D), bias (V,), targets (N,) (ids outside [0, V): no target column here),
+    rows (R,) int64, lse / w_loss / w_lse (R,) fp32, vocab_perm (V,) optional vocabulary order
+    -> dE (N, D), dC (V, D), dbias (V,), all fp32 (rows not selected get zero). With
+    ``label_smoothing`` eps, loss_i is the smoothed CE over ``n_classes`` (default V) classes:
+    its logit gradient is softmax - (1 - eps) onehot - eps / n_classes; a tile is skipped only
+    where all of that is below ``filter_eps``. Wijmans et al. 2024, arXiv 2411.09009.
     """
     n_rows, (v, d) = rows.numel(), c.shape
     de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
@@ -139,10 +149,11 @@ def cce_backward(
             vocab_perm if vocab_perm is not None else rows,
             de, dc, db if db is not None else dc,
             n_rows, v, d, softcap or 1.0, filter_eps or 0.0,
+            label_smoothing, label_smoothing / (n_classes or v),
             e.stride(0), e.stride(1), c.stride(0), c.stride(1),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_LSE_GRAD=w_lse is not None, HAS_PERM=vocab_perm is not None,
-            FILTER=filter_eps is not None,
+            FILTER=filter_eps is not None, SMOOTH=label_smoothing > 0,
             DOT_PRECISION=dot_precision(e.dtype), UPCAST_DOT=upcast_dot(e.dtype),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
         )  # fmt: skip

@@ -3,6 +3,8 @@ validation, and a peer (cut_cross_entropy). Wijmans et al. 2024, arXiv 2411.0900
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -258,12 +260,19 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         ({"memory_target": float("inf")}, "memory_target"),
         ({"memory_target": "1.5"}, "memory_target"),
         ({"memory_target": 1.5, "impl": "reference"}, "memory_target"),
+        ({"label_smoothing": 1.5}, r"label_smoothing must be a number in \[0, 1\]"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"label_smoothing": "0.1"}, "label_smoothing"),
+        ({"z_loss": -1e-4}, "z_loss must be a finite number >= 0"),
+        ({"z_loss": float("inf")}, "z_loss"),
+        ({"process_group": "world"}, "process_group must be a torch.distributed ProcessGroup"),
     ],
 )
 def test_bad_inputs_raise_a_named_error(kwargs, match):
     args = {"e": torch.zeros(8, 4), "c": torch.zeros(20, 4), "t": torch.zeros(8, dtype=torch.long)}
     args["b"] = None
-    keys = ("reduction", "impl", "softcap", "memory_target", "ignore_index", "filter_eps")
+    keys = ("reduction", "impl", "softcap", "memory_target", "ignore_index", "filter_eps",
+            "label_smoothing", "z_loss", "process_group")  # fmt: skip
     opts = {k: kwargs.pop(k) for k in (*keys, "shift", "return_lse") if k in kwargs}
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -359,3 +368,56 @@ def test_auto_never_uses_the_materialised_reference(monkeypatch):
     torch.testing.assert_close(linear_cross_entropy(e, c, t), ref)
     with pytest.raises(AssertionError, match="materialised"):
         linear_cross_entropy(e, c, t, impl="reference")
+
+
+def _torch_ce(label_smoothing, z_loss, softcap, reduction):
+    """(e, c, t, b) -> (loss, lse): torch.nn.functional.cross_entropy (label smoothing) on the
+    materialised float64 logits plus z_loss * lse^2 per non-ignored token."""
+
+    def fn(e, c, t, b):
+        z = e @ c.T + b
+        z = softcap * torch.tanh(z / softcap)
+        keep = t != -100
+        lse = torch.where(keep, z.logsumexp(-1), 0.0)
+        ce = torch.nn.functional.cross_entropy(
+            z, t, label_smoothing=label_smoothing, reduction="none"
+        )
+        rows = ce + z_loss * lse**2
+        n = keep.sum().clamp_min(1)
+        loss = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / n}[reduction]
+        if reduction == "mean":  # torch's own mean, smoothing included, must agree
+            want = torch.nn.functional.cross_entropy(z, t, label_smoothing=label_smoothing)
+            torch.testing.assert_close(loss - z_loss * (lse**2).sum() / n, want)
+        return loss, lse
+
+    return fn
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("label_smoothing", "z_loss"), [(0.1, 0.0), (0.0, 1e-2), (0.3, 0.2)])
+def test_label_smoothing_and_z_loss_match_torch(impl, reduction, label_smoothing, z_loss):
+    e, c, t, b = make_inputs(N, V, D, torch.float64, bias=True)
+    kw = dict(reduction=reduction, return_lse=True)
+    opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=50)
+    if impl == "reference":
+        opts.pop("chunk_size")
+    got = loss_and_grads(impl_fn(impl, softcap=3.0, **opts, **kw), e, c, t, b, **kw)
+    want = loss_and_grads(_torch_ce(label_smoothing, z_loss, 3.0, reduction), e, c, t, b, **kw)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-12)
+
+
+def test_label_smoothing_and_z_loss_one_token_by_hand():
+    """Logits (1, 0, -1), target 0, eps 0.3, z-loss 0.1: loss and d/dz by hand."""
+    e = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64)
+    lse = math.log(math.e + 1 + 1 / math.e)  # 1.4076059644...
+    want = 0.7 * (lse - 1.0) + 0.3 * (lse - 0.0) + 0.1 * lse**2
+    p = [math.exp(z - lse) for z in (1.0, 0.0, -1.0)]
+    # d/dz_j = p_j (1 + 2 * 0.1 * lse) - 0.7 [j = 0] - 0.3 / 3; d/de = sum_j d/dz_j * c_j
+    dz = [pj * (1 + 0.2 * lse) - 0.1 - (0.7 if j == 0 else 0.0) for j, pj in enumerate(p)]
+    loss = linear_cross_entropy(e, c, torch.tensor([0]), label_smoothing=0.3, z_loss=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(want, rel=1e-14)
+    assert e.grad.item() == pytest.approx(dz[0] - dz[2], rel=1e-13)

@@ -114,3 +114,16 @@ def test_triton_double_backward_is_refused():
     loss = linear_cross_entropy(e, c, t, impl="triton")
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(loss, e, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+def test_triton_label_smoothing_and_z_loss_parity(reduction, filter_eps):
+    e, c, t, b = make_inputs(N, V, D, torch.float32, bias=True)
+    kw = dict(reduction=reduction, return_lse=True)
+    opts = dict(softcap=3.0, label_smoothing=0.2, z_loss=1e-2, **kw)
+    got = loss_and_grads(impl_fn("triton", filter_eps=filter_eps, **opts), e, c, t, b, **kw)
+    same = loss_and_grads(impl_fn("reference", **opts), e, c, t, b, **kw)
+    ref64 = loss_and_grads(impl_fn("reference", **opts), e, c, t, b, dtype=torch.float64, **kw)
+    names = ["loss", "lse", "dE", "dC", "dbias"]
+    assert_tolerance_rule(got, same, ref64, torch.float32, names)

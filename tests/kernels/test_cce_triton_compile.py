@@ -39,17 +39,18 @@ def test_kernels_compile_for_sm90(dt, on):
     from kernels.cce.triton_fwd import _lse_fwd_kernel, _target_logit_kernel
 
     ptrs = {"E": f"*{dt}", "C": f"*{dt}", "Bias": f"*{dt}", "Rows": "*i64", "Targets": "*i64"}
-    ptrs |= dict.fromkeys(["LsePart", "LogitSum", "Out", "Lse", "WLoss", "WLse"], "*fp32")
+    fp32_ptrs = ["LsePart", "LogitSum", "RowSumPart", "Out", "Lse", "WLoss", "WLse"]
+    ptrs |= dict.fromkeys(fp32_ptrs, "*fp32")
     ptrs |= dict.fromkeys(["DE", "DC", "DBias"], "*fp32") | {"VPerm": "*i64"}
     scalars = dict.fromkeys(["n_rows", "V", "D", "V_BLOCKS_PER_SPLIT"], "i32")
-    scalars |= dict.fromkeys(["softcap", "filter_eps"], "fp32")
+    scalars |= dict.fromkeys(["softcap", "filter_eps", "smoothing", "smooth_per_class"], "fp32")
     sig = ptrs | scalars
     flags = {"HAS_BIAS": on, "HAS_SOFTCAP": on, "UPCAST_DOT": False, "DOT_PRECISION": "ieee"}
-    _compile(_lse_fwd_kernel, sig, flags | {"HAS_LOGIT_SUM": on} | BLOCKS)
+    _compile(_lse_fwd_kernel, sig, flags | {"HAS_LOGIT_SUM": on, "HAS_ROW_SUM": on} | BLOCKS)
     _compile(
         _target_logit_kernel,
         sig,
         {"HAS_BIAS": on, "HAS_SOFTCAP": on, "BLOCK_N": 64, "BLOCK_D": 32},
     )
-    bwd_flags = {"HAS_LSE_GRAD": on, "HAS_PERM": on, "FILTER": True}
+    bwd_flags = {"HAS_LSE_GRAD": on, "HAS_PERM": on, "FILTER": True, "SMOOTH": on}
     _compile(_cce_bwd_kernel, sig, flags | bwd_flags | BLOCKS)
