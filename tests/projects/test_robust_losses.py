@@ -176,6 +176,7 @@ def _module(loss="aldr_kl", logit_map="l1_mean", probe=None):
     return NoisyLabelMLP(loss, hp, [16], optim, eval_data, logit_map=logit_map, probe=probe), d
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_training_step_applies_the_logit_map_and_eval_tensors_follow_the_device():
     torch.manual_seed(0)
     model, d = _module()
