@@ -103,11 +103,6 @@ class VocabShard:
         seed a replicated objective with 1 / world."""
         return _AllReduceSum.apply(x, self.group)
 
-    def any(self, flag: torch.Tensor) -> bool:
-        """Whether ``flag`` (a bool scalar) holds on some rank: keeps data-dependent branches
-        (and so the order of collectives) the same on every rank."""
-        return bool(self.all_reduce_(flag.to(torch.float32).reshape(1), "max"))
-
     def logsumexp(self, lse: torch.Tensor) -> torch.Tensor:
         """Global log-sum-exp (k,) from every rank's local one (k,), differentiable."""
         m = self.all_reduce_(lse.detach().clone(), "max")

@@ -115,8 +115,9 @@ def _dtensor_local(x, name: str, shard: bool):
         return x, None
     want = Shard(0) if shard else Replicate()
     if x.device_mesh.ndim != 1 or tuple(x.placements) != (want,):
+        kind = "sharded on dim 0 (Shard(0))" if shard else "replicated (Replicate())"
         raise ValueError(
-            f"{name} as a DTensor must be {want} on a 1-D device mesh, got placements "
+            f"{name} as a DTensor must be {kind} on a 1-D device mesh, got placements "
             f"{tuple(x.placements)} on a {x.device_mesh.ndim}-D mesh"
         )
     return x.to_local(), x.device_mesh.get_group(0)

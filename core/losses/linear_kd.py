@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from core.losses._registry import DIVERGENCES, get_divergence
+from core.losses.linear_ce import check_target_range, local_heads, vocab_split
 from core.registry import RegistryError
 from kernels.chunking import check_options
 from kernels.kd import IMPLS, FusedDivergence, linear_kd_impl
@@ -120,6 +121,7 @@ def linear_kd_loss(
     reduction: str = "mean",
     impl: str = "auto",
     memory_target: float | None = None,
+    process_group=None,
     **hparams: float,
 ) -> torch.Tensor:
     """(1 - h) T^2 D(p_t || p_s) + h CE per token, without the (N, V) logits.
@@ -133,7 +135,13 @@ def linear_kd_loss(
     ignored tokens). Gradients reach the student hidden states and weight only (offline KD).
     ``impl``: "auto"/"chunked" (no (N, V) logits) or "reference" (materialised, for tests);
     ``memory_target``: the chunked path's peak above the inputs as a multiple of the gradient
-    buffers (default 1.25), as in ``linear_cross_entropy``.
+    buffers (default 1.25), as in ``linear_cross_entropy``. ``process_group`` (or DTensor heads
+    sharded on dim 0 on a 1-D mesh): vocabulary parallelism as in ``linear_cross_entropy``:
+    student_weight and teacher_weight hold the same contiguous vocabulary rows on each rank,
+    hidden states and targets (global ids) are replicated; every rank gets the global loss, its
+    shard's gradient for student_weight and the full (all-reduced) gradient for student_hidden.
+    Every fused divergence runs on shards; AKL's head (the teacher's top classes up to mass mu)
+    is merged from each rank's top-k candidates, so all ranks find the same global head.
     Chunking after Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary LMs", arXiv:2411.09009.
     """
     check_options(
@@ -141,20 +149,19 @@ def linear_kd_loss(
         impls=IMPLS,
     )  # fmt: skip
     fused = fused_divergence(divergence, **hparams)
-    _validate(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, temperature,
-        hard_weight, fused.needs_targets,
-    )  # fmt: skip
+    group, local = local_heads(
+        process_group,
+        {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden},
+        {"student_weight": student_weight, "teacher_weight": teacher_weight},
+    )
+    e_s, e_t = local["student_hidden"], local["teacher_hidden"]
+    w_s, w_t = local["student_weight"], local["teacher_weight"]
+    _validate(e_s, w_s, e_t, w_t, targets, temperature, hard_weight, fused.needs_targets)
+    vocab = vocab_split(group, w_s)
     if targets is not None:
-        v, t = student_weight.shape[0], targets.to(torch.int64)
-        bad = ((t < 0) | (t >= v)) & (t != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(
-                f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; "
-                f"found {int(t[bad][0])}"
-            )
+        check_target_range(targets, w_s.shape[0] if vocab is None else vocab.total, ignore_index)
     return linear_kd_impl(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, fused,
-        temperature=float(temperature), hard_weight=float(hard_weight), ignore_index=ignore_index,
-        reduction=reduction, impl=impl, memory_target=memory_target,
+        e_s, w_s, e_t, w_t, targets, fused, temperature=float(temperature),
+        hard_weight=float(hard_weight), ignore_index=ignore_index, reduction=reduction, impl=impl,
+        memory_target=memory_target, vocab=vocab,
     )  # fmt: skip

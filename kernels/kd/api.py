@@ -10,6 +10,7 @@ import torch
 
 from kernels.kd.chunked import FusedDivergence, chunked_linear_kd
 from kernels.kd.reference import reference_linear_kd
+from kernels.vocab_parallel import VocabShard
 
 IMPLS = ("auto", "chunked", "reference")
 
@@ -29,11 +30,13 @@ def linear_kd_impl(
     impl: str = "auto",
     chunk_size: int | None = None,
     memory_target: float | None = None,
+    vocab: VocabShard | None = None,
 ) -> torch.Tensor:
     """Fused (1 - h) T^2 D(p_t || p_s) + h CE: hidden states (..., D) flattened to rows.
 
     Returns a scalar ("mean" over non-ignored rows / "sum") or the per-row losses shaped like
-    the leading dims ("none"), in fp32 (fp64 for fp64 inputs).
+    the leading dims ("none"), in fp32 (fp64 for fp64 inputs). ``vocab``: both heads hold this
+    rank's vocabulary rows (chunked path; see ``chunked_linear_kd``).
     """
     lead = student_hidden.shape[:-1]
     e_s = student_hidden.reshape(lead.numel(), student_hidden.shape[-1])  # (N, D_s)
@@ -44,11 +47,15 @@ def linear_kd_impl(
         reduction=reduction,
     )  # fmt: skip
     if impl == "reference":
+        if vocab is not None:
+            raise ValueError(
+                "impl='reference' is single-process; a vocabulary shard needs 'chunked' or 'auto'"
+            )
         loss = reference_linear_kd(e_s, student_weight, e_t, teacher_weight, tg, divergence, **kw)
     elif impl in ("auto", "chunked"):
         loss = chunked_linear_kd(
             e_s, student_weight, e_t, teacher_weight, tg, divergence, chunk_size=chunk_size,
-            memory_target=memory_target, **kw,
+            memory_target=memory_target, vocab=vocab, **kw,
         )  # fmt: skip
     else:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.chunking import ChunkLoss, acc_dtype, fused_linear_loss
+from kernels.vocab_parallel import VocabShard, active, using
 
 # (chunk, V) buffers alive at the peak when autograd differentiates a divergence's per-row
 # maths and the divergence declares none: the two logit chunks, the saved intermediates and
@@ -52,31 +53,48 @@ class FusedDivergence:
         if not want_grad:
             return self.per_row(s, t, **kw), None
         s = s.detach().requires_grad_()
+        shard = active()  # replicated values on a shard: their all-reduces' backward sums W
+        seed = 1.0 if shard is None else 1.0 / shard.world  # ranks' seeds (kernels.vocab_parallel)
         with torch.enable_grad():
             values = self.per_row(s, t, **kw)
-            (g,) = torch.autograd.grad(values.sum(), s)
+            (g,) = torch.autograd.grad(values, s, torch.full_like(values, seed))
         return values.detach(), g
 
 
 class DistillationChunk(ChunkLoss):
     """(1 - h) T^2 D(p_t || p_s) + h CE(z_s, y) per row of a chunk; the chunk's student logits
-    z_s come from the core, the teacher's from ``e_t`` (N, D_t) @ ``w_t`` (V, D_t)^T."""
+    z_s come from the core, the teacher's from ``e_t`` (N, D_t) @ ``w_t`` (V, D_t)^T. With
+    ``vocab`` both heads hold this rank's vocabulary rows: the divergence runs inside
+    ``kernels.vocab_parallel.using(vocab)``, its row reductions combined over the group."""
 
     transposed = False  # row-major (k, V) chunks: the closed forms reduce along rows
 
-    def __init__(self, e_t, w_t, targets, divergence: FusedDivergence, temperature, hard_weight):
+    def __init__(
+        self, e_t, w_t, targets, divergence: FusedDivergence, temperature, hard_weight,
+        vocab: VocabShard | None = None,
+    ):  # fmt: skip
         self.e_t, self.w_t, self.targets, self.div = e_t, w_t, targets, divergence
-        self.temperature, self.hard_weight = temperature, hard_weight
+        self.temperature, self.hard_weight, self.vocab = temperature, hard_weight, vocab
         self.n_buffers = divergence.n_buffers + (1 if hard_weight > 0 else 0)
 
     def chunk(self, s, rows, w):
+        with using(self.vocab):
+            return self._chunk(s, rows, w)
+
+    def _chunk(self, s, rows, w):
         k, h, temp = s.shape[0], self.hard_weight, self.temperature
         t = self.teacher_logits(rows, reuse=True)  # (k, V)
         loss = s.new_zeros(k)
         if h > 0:
-            tk = self.targets[rows]
+            tk, ar = self.targets[rows], torch.arange(k, device=s.device)
             lse = s.logsumexp(-1)  # (k,)
-            loss.add_(lse - s.gather(1, tk[:, None]).squeeze(1), alpha=h)
+            if self.vocab is None:
+                loss.add_(lse - s[ar, tk], alpha=h)
+            else:  # this shard's LSE and target logit (0 where the target is elsewhere)
+                tk = self.vocab.local_targets(tk)
+                s_target = torch.where(tk >= 0, s[ar, tk.clamp_min(0)], 0.0)
+                lse = self.vocab.logsumexp(lse)
+                loss.add_(lse - self.vocab.sum(s_target), alpha=h)
             if w is not None:  # softmax(z_s), for the CE gradient
                 soft = torch.sub(s, lse[:, None], out=self.buffer(1, s)).exp_()
         if temp != 1.0:
@@ -84,8 +102,10 @@ class DistillationChunk(ChunkLoss):
             t.div_(temp)
         kw = {"targets": self.targets[rows]} if self.div.needs_targets else {}
         d, g = self.div(s, t, w is not None, **kw)
-        bad = ~torch.isfinite(d)
-        if bool(bad.any()):  # a closed form met -inf (masked) logits: these rows exactly
+        bad = ~torch.isfinite(d)  # a closed form met -inf (masked) logits: these rows exactly
+        if self.vocab is not None:  # the same rows on every rank, so the collectives pair up
+            bad = self.vocab.all_reduce_(bad.to(d.dtype), "max") > 0
+        if bool(bad.any()):
             self._exact_rows(rows, bad, d, g, w is not None)
         loss.add_(d, alpha=(1.0 - h) * temp**2)  # T^2 convention
         if w is None:
@@ -94,7 +114,8 @@ class DistillationChunk(ChunkLoss):
         g.mul_((wl * ((1.0 - h) * temp))[:, None])  # d/dz_s = T^2 / T d/ds
         if h > 0:
             g.addcmul_(soft, (h * wl)[:, None])
-            g.index_put_((torch.arange(k, device=s.device), tk), -h * wl, accumulate=True)
+            hit = tk >= 0  # all rows single-process; on a shard, the rows whose target is here
+            g.index_put_((ar[hit], tk[hit]), -h * wl[hit], accumulate=True)
         return (loss,), g
 
     def teacher_logits(self, rows, reuse: bool) -> torch.Tensor:
@@ -114,7 +135,7 @@ class DistillationChunk(ChunkLoss):
         kw = {"targets": self.targets.index_select(0, sub)} if self.div.needs_targets else {}
         d_sub, g_sub = self.div(s, t, want_grad, exact=True, **kw)
         d[idx] = d_sub
-        if g is not None:
+        if want_grad:  # a closed form returns a gradient even when none is wanted
             g[idx] = g_sub
 
 
@@ -132,17 +153,21 @@ def chunked_linear_kd(
     reduction: str = "mean",
     chunk_size: int | None = None,
     memory_target: float | None = None,
+    vocab: VocabShard | None = None,
 ) -> torch.Tensor:
     """Fused (1 - h) T^2 D(p_t || p_s) + h CE without the (N, V) logits, on validated inputs.
 
     e_s (N, D_s), w_s (V, D_s), e_t (N, D_t), w_t (V, D_t), targets (N,) int64 or None (every
     row counts). Returns a scalar (mean over non-ignored rows, or sum) or (N,) for "none", in
-    fp32 (fp64 for fp64 inputs); gradients reach e_s and w_s only, in their dtypes.
+    fp32 (fp64 for fp64 inputs); gradients reach e_s and w_s only, in their dtypes. ``vocab``:
+    w_s and w_t hold this rank's vocabulary rows, targets are global ids, e_s and e_t are
+    replicated; every rank gets the global loss and the full gradient of e_s.
     """
     acc = acc_dtype(e_s.dtype)
     loss = DistillationChunk(
-        e_t.to(acc), w_t.to(acc), targets, divergence, float(temperature), float(hard_weight)
-    )
+        e_t.to(acc), w_t.to(acc), targets, divergence, float(temperature), float(hard_weight),
+        vocab,
+    )  # fmt: skip
     (out,) = fused_linear_loss(
         e_s, w_s, None, targets, loss, ignore_index=ignore_index, reduction=reduction,
         chunk_size=chunk_size, memory_target=memory_target,

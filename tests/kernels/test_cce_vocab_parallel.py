@@ -99,3 +99,51 @@ def test_triton_vocab_parallel_matches_one_process_fp64():
     cases = [c for c in CASES if "memory_target" not in c]
     results = run_ranks(_worker, 2, cases, torch.float32, "triton")
     check_against_one_process(results, cases, 2, rtol=1e-4, atol=2e-5)
+
+
+def _dtensor_worker(rank, world):
+    """The head as a DTensor sharded on dim 0 (torch.chunk's uneven split): its mesh gives the
+    group, its gradient comes back as a DTensor shard; the fused KD loss likewise."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from core.losses import linear_kd_loss
+
+    mesh = init_device_mesh("cpu", (world,))
+    e, c, t, b = make_inputs(N, V, D, torch.float64, bias=True, seed=11)
+    e.requires_grad_()
+    c_dt = distribute_tensor(c, mesh, [Shard(0)]).requires_grad_()
+    b_dt = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+    loss = linear_cross_entropy(e, c_dt, t, bias=b_dt, label_smoothing=0.1, z_loss=1e-3)
+    loss.backward()
+    assert isinstance(c_dt.grad, DTensor) and c_dt.grad.placements == (Shard(0),)
+    ce = [loss.detach(), e.grad.clone(), c_dt.grad.to_local().clone(), b_dt.grad.to_local()]
+    e.grad = None
+    w_t = distribute_tensor(c.flip(0) * 0.5, mesh, [Shard(0)])
+    kd = linear_kd_loss(e, c_dt, e.detach() * 2, w_t, targets=t, divergence="akl")
+    kd.backward()
+    with pytest.raises(ValueError, match="Shard"):  # a replicated head is not a vocabulary shard
+        linear_cross_entropy(e, distribute_tensor(c, mesh, [Replicate()]), t)
+    return ce + [kd.detach(), e.grad, c_dt.grad.to_local() - ce[2]]
+
+
+def test_dtensor_head_gives_the_group_and_gets_a_sharded_gradient():
+    from core.losses import linear_kd_loss
+
+    results = run_ranks(_dtensor_worker, 2)
+    e, c, t, b = make_inputs(N, V, D, torch.float64, bias=True, seed=11)
+    e, c, b = (x.requires_grad_() for x in (e, c, b))
+    loss = linear_cross_entropy(e, c, t, bias=b, label_smoothing=0.1, z_loss=1e-3)
+    loss.backward()
+    want = [loss.detach(), e.grad.clone(), c.grad.clone(), b.grad]
+    e.grad = c.grad = None
+    kd = linear_kd_loss(e, c, e.detach() * 2, c.detach().flip(0) * 0.5, targets=t, divergence="akl")
+    kd.backward()
+    want += [kd.detach(), e.grad, c.grad]
+    for i, x in enumerate(want):
+        if i in (2, 3, 6):  # shards of the head's gradients, rank order
+            got = torch.cat([r[i] for r in results])
+        else:
+            got = results[0][i]
+            torch.testing.assert_close(results[1][i], got, rtol=0, atol=0)
+        torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-12, msg=f"output {i}")

@@ -283,6 +283,7 @@ def test_fused_and_unfused_accept_the_same_hyperparameters(name, hp):
         ({"targets": "out_of_range"}, r"\[0, 1031\)"),
         ({"e_s": "numpy"}, "student_hidden must be a torch.Tensor"),
         ({"w_s": "fp32"}, "student_weight dtype"),
+        ({"process_group": "world"}, "process_group must be a torch.distributed ProcessGroup"),
     ],
 )
 def test_bad_inputs_raise_a_named_error(kwargs, match):
@@ -336,6 +337,10 @@ def test_teacher_masked_vocabulary_rows_end_to_end():
         unfused = get_divergence(name)(zs, zt, targets=y)
         torch.testing.assert_close(fused[0], unfused.detach(), rtol=1e-10, atol=1e-12)
         assert all(torch.isfinite(x).all() for x in fused)
+        # per-row values (no gradient in the forward) took the exact path too (was a TypeError)
+        rows = _run(e_s, w_s, e_t, w_t, y, divergence=name, chunk_size=16, reduction="none")
+        want = get_divergence(name)(zs, zt, targets=y, reduction="none")
+        torch.testing.assert_close(rows[0], want.detach(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
