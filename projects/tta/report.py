@@ -32,6 +32,8 @@ from core.utils.io import atomic_write_json, replace_marked_section
 from projects.tta import DEFAULT_PARAMS
 
 CLAIM_KEYS = {"text", "paper", "setting", "a", "b", "min_effect"}
+# methods whose update rule tests/projects/test_tta_authors.py pins to the authors' released code
+CROSS_CHECKED = ("tent", "eata", "sar", "deyo")
 
 
 def per_seed_mean(cell: dict[str, list[float]]) -> np.ndarray:
@@ -156,16 +158,33 @@ def stream_lines(streams: dict) -> list[str]:
     ]
 
 
-def runtime_line(result: dict, source: dict) -> str:
-    """Wall times as recorded by the runs (on whatever machine and load they ran)."""
-    train = ", ".join(
-        f"{n.upper()} {m['seconds']:.0f} s" for n, m in source.items() if "seconds" in m
-    )
+def runtime_line(result: dict) -> str:
+    """The adaptation runs' wall time as recorded (on whatever machine and load they ran)."""
     total = sum(result.get("seconds", {}).values())
     return (
-        f"Recorded run times: source training {train or 'not recorded'}; adaptation runs "
-        f"{total / 60:.1f} min summed over all runs (they run `machine.workers` at a time)."
+        f"Adaptation runs: {total / 60:.1f} min of recorded wall time summed over all runs "
+        "(`machine.workers` run at a time)."
     )
+
+
+def crosscheck_line(claims: list[dict]) -> str:
+    """Which failing claims' methods match the authors' code step for step (issue #16 item 8)."""
+    failing = [c for c in claims if c["verdict"] not in (None, "holds")]
+    if not failing:
+        return "Every claim run here holds."
+    methods = sorted({c[s].split("/")[1] for c in failing for s in ("a", "b")} - {"source", "bn"})
+    checked = [m for m in methods if m in CROSS_CHECKED]
+    unchecked = [m for m in methods if m not in CROSS_CHECKED]
+    line = f"{len(failing)} of {len(claims)} claims are not found to hold here."
+    if checked:
+        line += (
+            f" The update rules of the methods they compare ({', '.join(checked)}) match the "
+            "authors' released code step for step (`tests/projects/test_tta_authors.py`, "
+            "section Cross-check above)."
+        )
+    if unchecked:
+        line += f" Not compared with the authors' code: {', '.join(unchecked)}."
+    return line
 
 
 def render(result: dict, source: dict, claims: list[dict], methods: list[str], figure: str) -> str:
@@ -180,7 +199,7 @@ def render(result: dict, source: dict, claims: list[dict], methods: list[str], f
         + ".",
         "",
         *(["Streams:", "", *stream_lines(result["streams"]), ""] if "streams" in result else []),
-        runtime_line(result, source),
+        runtime_line(result),
         "",
         f"![errors]({figure})",
     ]
@@ -200,6 +219,8 @@ def render(result: dict, source: dict, claims: list[dict], methods: list[str], f
         "stated minimum effect and the minimal detectable effect (MDE, power 0.8).",
         "",
         *(claim_line(c) for c in claims),
+        "",
+        crosscheck_line(claims),
     ]
     for norm in errors:
         for setting in errors[norm]:
@@ -213,8 +234,10 @@ def render(result: dict, source: dict, claims: list[dict], methods: list[str], f
 
 
 def order_settings(result: dict, settings: list[str]) -> dict:
-    """errors.json with every norm's settings in params order (not JSON key order)."""
+    """errors.json with settings in params order (not JSON key order)."""
     rank = {s: i for i, s in enumerate(settings)}
+    if "streams" in result:
+        result["streams"] = {s: result["streams"][s] for s in settings if s in result["streams"]}
     result["errors"] = {
         norm: {s: cells[s] for s in sorted(cells, key=lambda s: rank.get(s, len(rank)))}
         for norm, cells in result["errors"].items()

@@ -357,6 +357,9 @@ def test_claims_by_hand():
     assert out[1]["mean"] == pytest.approx(-1 / 3) and out[1]["se"] == pytest.approx((7 / 9) ** 0.5)
     assert out[2]["verdict"] is None
     assert "not run" in report.claim_line(out[2]) and "MDE" in report.claim_line(out[1])
+    line = report.crosscheck_line(out)
+    assert line.startswith("1 of 3 claims") and "(sar, tent) match" in line
+    assert "Not compared" in report.crosscheck_line([out[1] | {"a": "bn/rmt"}])
     with pytest.raises(ValueError, match=r"report\.claims\[0\]\.a"):
         evaluate_claims(errors, [claims[0] | {"a": "tent"}])
     with pytest.raises(ValueError, match=r"report\.claims\[0\]\.min_effect"):
