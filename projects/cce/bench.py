@@ -7,7 +7,11 @@ that many times interleaved at the main V; a row is its median round) and option
 ``methods``. ``cce_chunked@1.5`` is the chunked path with ``memory_target`` 1.5. Writes
 ``results.json`` (the harness layout; each row adds its time over the 6 N V D flops bound at the
 measured sgemm rate, wall and CPU), ``results.md`` and ``memory_time_vs_v.png`` (on CPU its time
-axis is process CPU time) into ``bench.out``, rewritten after every case.
+axis is process CPU time) into ``bench.out``, rewritten after every case. ``bench.vocab_parallel``
+(optional): ``worlds``, the process counts at which the vocabulary-parallel loss runs at N, V, D
+(each rank 1/W of the head rows; gloo processes with the cores split between them on CPU, nccl
+with one GPU per rank on CUDA); its rows (per-rank peak memory and time, each world's memory over
+world 1's) go under "vocab_parallel" in results.json and a table of their own in results.md.
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """
 
@@ -71,14 +75,37 @@ def loss_fn(name: str):
 
 
 def build(case: dict):
-    """The harness's inputs for one case: e (n, d), c (v, d), targets (n,) -> (forward, [e, c])."""
+    """The harness's inputs for one case: e (n, d), c (v, d), targets (n,) -> (forward, [e, c]);
+    a vocabulary-parallel case gets this rank's rows of c (one process group per case)."""
     dev = torch.device(case["device"])
-    fn = loss_fn(case["method"])
     n, v, d = case["n"], case["v"], case["d"]
+    if case["method"] == VOCAB_PARALLEL:
+        return _build_vocab_parallel(n, v, d, dev)
+    fn = loss_fn(case["method"])
     e = (torch.randn(n, d, device=dev) / d**0.25).requires_grad_()
     c = (torch.randn(v, d, device=dev) / d**0.25).requires_grad_()
     t = torch.randint(0, v, (n,), device=dev)
     return (lambda: fn(e, c, t)), [e, c]
+
+
+VOCAB_PARALLEL = "cce_vocab_parallel"  # linear_cross_entropy over the harness's process group
+
+
+def _build_vocab_parallel(n: int, v: int, d: int, dev: torch.device):
+    """e (n, d) and targets replicated (the harness seeds every rank alike), c: this rank's
+    contiguous V / W (+1 on the first V mod W ranks) rows, its own values."""
+    import torch.distributed as dist
+
+    from core.losses.linear_ce import linear_cross_entropy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    e = (torch.randn(n, d, device=dev) / d**0.25).requires_grad_()
+    t = torch.randint(0, v, (n,), device=dev)
+    rows = v // world + (rank < v % world)
+    g = torch.Generator(device=dev).manual_seed(1 + rank)
+    c = (torch.randn(rows, d, device=dev, generator=g) / d**0.25).requires_grad_()
+    group = dist.group.WORLD
+    return (lambda: linear_cross_entropy(e, c, t, process_group=group)), [e, c]
 
 
 def available(method: str, device: str) -> str | None:
@@ -190,6 +217,32 @@ def _with_bounds(row: dict, rate: float, cpu_rate: float) -> dict:
     return row
 
 
+def vocab_parallel_sweep(cfg: dict, device: str, threads: int | None = None, on_update=None):
+    """The rows of ``cfg["vocab_parallel"]`` (``worlds``, optional ``rounds``): the
+    vocabulary-parallel loss at N, V, D in W fresh processes per world size (the ``threads``
+    budget, default torch's, split between the ranks on CPU), each row with its per-rank peak
+    memory and slowest-rank time over world 1's (``harness.versus_world1``)."""
+    vp = cfg["vocab_parallel"]
+    case = {"method": VOCAB_PARALLEL, "n": cfg["n"], "v": cfg["v"], "d": cfg["d"],
+            "device": device, "repeats": cfg.get("repeats", 2)}  # fmt: skip
+    cases = harness.world_cases(case, vp["worlds"], threads or torch.get_num_threads())
+    update = None if on_update is None else (lambda r: on_update(harness.versus_world1(r)))
+    rows = harness.sweep(MODULE, cases, int(vp.get("rounds", 1)), on_update=update)
+    return harness.versus_world1(rows)
+
+
+def vocab_parallel_markdown(rows: list[dict], meta: dict) -> str:
+    """The scaling table: per world size, per-rank memory and time against world 1."""
+    backend = "nccl, one GPU per rank" if meta["device"] == "cuda" else "gloo, CPU processes"
+    return (
+        f"\nVocabulary-parallel linear cross-entropy (``process_group``), N={meta['n']}, "
+        f"V={meta['v']}, D={meta['d']}, fp32, {backend}: each rank holds V / W head rows, e is "
+        "replicated and its gradient all-reduced. Memory: the largest per-rank peak above the "
+        "inputs; time: the slowest rank (fwd+bwd, wall and process CPU).\n\n"
+        + harness.world_table(rows)
+    )
+
+
 def run(cfg: dict, device: str, threads: int | None = None) -> dict:
     """The whole sweep of a ``bench:`` params block (``threads``: torch threads per worker,
     default torch's); returns the document it wrote."""
@@ -202,13 +255,19 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
             "bound_s": 6 * n * v * d / rate, "grad_buffer_bytes": (n + v) * d * 4,
             "torch": torch.__version__}  # fmt: skip
     done: list[dict] = []
+    scaling: list[dict] = []
 
-    def write(rows: list[dict]) -> dict:
+    def write(rows: list[dict], vp_rows: list[dict] | None = None) -> dict:
         rows = sorted(done + rows, key=lambda r: (r["v"] != v, r["v"]))  # the main V first
         doc = harness.document(meta, [_with_bounds(r, rate, cpu_rate) for r in rows])
+        text = markdown(doc["rows"], meta)
+        vp_rows = scaling if vp_rows is None else vp_rows
+        if vp_rows:
+            doc["vocab_parallel"] = vp_rows
+            text += vocab_parallel_markdown(vp_rows, meta)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "results.json", doc)
-        atomic_write_text(out / "results.md", markdown(doc["rows"], meta))
+        atomic_write_text(out / "results.md", text)
         plot(doc["rows"], out / "memory_time_vs_v.png", cpu_time=device == "cpu")
         return doc
 
@@ -226,6 +285,8 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
                 cases.append(case)
         rounds = meta["rounds"] if vv == v else 1
         done += harness.sweep(MODULE, cases, rounds, on_update=write)
+    if cfg.get("vocab_parallel"):
+        scaling += vocab_parallel_sweep(cfg, device, threads, lambda r: write([], r))
     return write([])
 
 

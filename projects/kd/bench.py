@@ -4,7 +4,10 @@ Measured by the kernels' shared harness (``kernels.bench.harness``: one fresh pr
 peak memory above the inputs, one JSON layout), per divergence in ``params.bench``: the fused
 ``linear_kd_loss`` (chunked) and the materialised reference at N tokens, vocabulary V, hidden
 D, and on CUDA Liger's fused linear JSD beside ``js`` when liger-kernel is installed. Each row
-adds its time over the materialised one; ``rounds`` > 1 interleaves the methods. Writes
+adds its time over the materialised one; ``rounds`` > 1 interleaves the methods.
+``bench.vocab_parallel`` (optional; ``worlds``, ``divergences``): the fused loss with both heads
+split by vocabulary rows over W processes (``process_group``), per-rank peak memory and time
+against world 1, under "vocab_parallel" in results.json and a table of its own. Writes
 ``results.json`` and ``results.md`` into ``bench.out``; the report stage puts the table into
 projects/kd/README.md. ``make bench PROJECT=kd`` runs this stage.
 """
@@ -22,17 +25,32 @@ from kernels.bench import harness
 from projects.kd import DEFAULT_PARAMS
 
 METHODS = ("materialised", "chunked")
+VOCAB_PARALLEL = "chunked_vocab_parallel"
 MODULE = "projects.kd.bench"  # the harness's workers run ``python -m MODULE --worker ...``
 
 
 def build(case: dict):
-    """The harness's inputs for one case -> (forward, [student hidden, student weight])."""
+    """The harness's inputs for one case -> (forward, [student hidden, student weight]); the
+    vocabulary-parallel method gets this rank's rows of both heads (hidden states replicated)."""
     dev = torch.device(case["device"])
     n, v, d, temp = case["n"], case["v"], case["d"], case["temperature"]
-    e_s = (torch.randn(n, d, device=dev) / d**0.5).requires_grad_()
-    w_s = torch.randn(v, d, device=dev).requires_grad_()
-    e_t = torch.randn(n, d, device=dev) / d**0.5
-    w_t = torch.randn(v, d, device=dev)
+    kw = dict(divergence=case["divergence"], temperature=temp)
+    if case["method"] == VOCAB_PARALLEL:  # one process group per case (the harness's)
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        kw["process_group"] = dist.group.WORLD
+        e_s = (torch.randn(n, d, device=dev) / d**0.5).requires_grad_()  # same seed: replicated
+        e_t = torch.randn(n, d, device=dev) / d**0.5
+        torch.manual_seed(1 + rank)
+        rows = v // world + (rank < v % world)
+        w_s = torch.randn(rows, d, device=dev).requires_grad_()
+        w_t = torch.randn(rows, d, device=dev)
+    else:
+        e_s = (torch.randn(n, d, device=dev) / d**0.5).requires_grad_()
+        w_s = torch.randn(v, d, device=dev).requires_grad_()
+        e_t = torch.randn(n, d, device=dev) / d**0.5
+        w_t = torch.randn(v, d, device=dev)
     if case["method"] == "liger":
         from liger_kernel.transformers import LigerFusedLinearJSD  # GPU-only peer
 
@@ -40,8 +58,7 @@ def build(case: dict):
         return (lambda: jsd(e_s, w_s, e_t, w_t)), [e_s, w_s]
     from core.losses import linear_kd_loss
 
-    impl = {"materialised": "reference", "chunked": "chunked"}[case["method"]]
-    kw = dict(divergence=case["divergence"], temperature=temp, impl=impl)
+    kw["impl"] = "reference" if case["method"] == "materialised" else "chunked"
     return (lambda: linear_kd_loss(e_s, w_s, e_t, w_t, **kw)), [e_s, w_s]
 
 
@@ -98,11 +115,21 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
         except ImportError:
             print("liger-kernel not installed: skipping its fused linear JSD", file=sys.stderr)
     done: list[dict] = []
+    scaling: list[dict] = []
 
-    def write(rows: list[dict]) -> dict:
+    def write(rows: list[dict], vp_rows: list[dict] | None = None) -> dict:
         doc = harness.document(meta, _versus_materialised(done + rows))
+        text = markdown(doc["rows"], meta)
+        vp_rows = scaling if vp_rows is None else vp_rows
+        if vp_rows:
+            doc["vocab_parallel"] = vp_rows
+            text += (
+                "\nVocabulary-parallel fused KD (``process_group``): each rank holds V / W rows "
+                "of both heads; per-rank peak above the inputs, slowest rank's time.\n\n"
+                + harness.world_table(vp_rows, label="divergence")
+            )
         atomic_write_json(out / "results.json", doc)
-        atomic_write_text(out / "results.md", markdown(doc["rows"], meta))
+        atomic_write_text(out / "results.md", text)
         return doc
 
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +141,26 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
             if m != "liger" or divergence == "js"  # Liger has a fused JSD only
         ]
         done += harness.sweep(MODULE, cases, meta["rounds"], on_update=write)
+    if cfg.get("vocab_parallel"):
+        scaling += vocab_parallel_sweep(cfg, device, threads, lambda r: write([], r))
     return write([])
+
+
+def vocab_parallel_sweep(cfg: dict, device: str, threads: int | None = None, on_update=None):
+    """Per divergence of ``cfg["vocab_parallel"]`` (default: the first of ``divergences``) and
+    world size of its ``worlds``: the vocabulary-parallel fused loss in W fresh processes (the
+    ``threads`` budget split between them on CPU), against world 1."""
+    vp = cfg["vocab_parallel"]
+    rows: list[dict] = []
+    for divergence in vp.get("divergences", cfg["divergences"][:1]):
+        case = {"divergence": divergence, "method": VOCAB_PARALLEL, "device": device,
+                "repeats": cfg.get("repeats", 0)} | {k: cfg[k] for k in ("n", "v", "d", "temperature")}  # fmt: skip
+        cases = harness.world_cases(case, vp["worlds"], threads or torch.get_num_threads())
+        update = None
+        if on_update is not None:
+            update = lambda r, prev=list(rows): on_update(prev + harness.versus_world1(r))  # noqa: E731
+        rows += harness.versus_world1(harness.sweep(MODULE, cases, 1, on_update=update))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -105,6 +105,44 @@ def test_sweep_interleaves_rounds_in_fresh_processes_and_keeps_errors(tmp_path, 
     assert doc["harness"] == harness.MEASURE and json.loads(json.dumps(doc)) == doc
 
 
+def test_a_world_case_runs_its_ranks_in_one_group_and_reports_each(tmp_path, monkeypatch):
+    """``"world": 2``: two processes in one gloo group (a collective in the loss); the row keeps
+    the larger rank's peak (rank 1 holds an extra 32 MiB) and both ranks' figures; a rank that
+    fails gives the row its error instead of leaving the other waiting."""
+    (tmp_path / "toy_dist.py").write_text(
+        textwrap.dedent(
+            """
+            import torch, torch.distributed as dist
+            from kernels.bench import harness
+
+            def build(case):
+                rank = dist.get_rank()
+                if case.get("fail") and rank == 1:
+                    raise SystemExit("rank 1 gave up")
+                x = torch.randn(1000, requires_grad=True)
+
+                def forward():
+                    extra = torch.ones((8 << 20) * rank)  # 32 MiB on rank 1, touched
+                    total = (x * x).sum() + extra.sum() * 0
+                    dist.all_reduce(total.detach().clone())
+                    return total
+
+                return forward, [x]
+
+            if __name__ == "__main__":
+                harness.worker_main(build)
+            """
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{sys.path[0]}")
+    row = harness.spawn("toy_dist", {"world": 2, "repeats": 0, "threads": 1})
+    assert [r["peak_mem_bytes"] >= 30 << 20 for r in row["ranks"]] == [False, True]
+    assert row["peak_mem_bytes"] == row["ranks"][1]["peak_mem_bytes"]
+    assert row["grad_buffer_bytes"] == 4000 and row["world"] == 2
+    bad = harness.spawn("toy_dist", {"world": 2, "repeats": 0, "fail": True})
+    assert bad["error"] == "rank 1: rank 1 gave up"
+
+
 @pytest.mark.filterwarnings("ignore:Data has no positive values")  # tiny shapes: peak 0 MB
 def test_cce_bench_stage_smoke(tmp_path, capsys):
     """The stage on the harness at a tiny shape: the JSON layout, the table, the report's
@@ -126,6 +164,23 @@ def test_cce_bench_stage_smoke(tmp_path, capsys):
     assert set(targets) == {"cce_chunked"} and targets["cce_chunked"]["vs_fastest_peer"]
 
 
+def test_cce_bench_vocab_parallel_rows(tmp_path):
+    """``bench.vocab_parallel``: the loss in 1 and 2 processes; per-rank rows beside the main
+    table, memory and time against world 1, the cores split between the ranks."""
+    from projects.cce import bench
+
+    cfg = {"out": str(tmp_path), "n": 64, "v": 256, "d": 16, "repeats": 0, "methods": ["cce_chunked"],
+           "vocab_parallel": {"worlds": [1, 2]}}  # fmt: skip
+    doc = bench.run(cfg, "cpu", threads=2)
+    one, two = doc["vocab_parallel"]
+    assert (one["world"], one["threads"], two["world"], two["threads"]) == (1, 2, 2, 1)
+    assert len(two["ranks"]) == 2 and one["mem_vs_world1"] == 1.0
+    assert two["grad_buffer_bytes"] == (64 + 128) * 16 * 4  # e and half the head per rank
+    assert two["mem_vs_world1"] == two["peak_mem_bytes"] / one["peak_mem_bytes"]
+    assert json.loads((tmp_path / "results.json").read_text())["vocab_parallel"] == [one, two]
+    assert "| 2 | 1 |" in (tmp_path / "results.md").read_text()
+
+
 def test_kd_bench_stage_smoke(tmp_path):
     """The kd stage on the harness at a tiny shape; the kd report's bench section parses it."""
     from projects.kd import bench, report
@@ -142,3 +197,9 @@ def test_kd_bench_stage_smoke(tmp_path):
     assert rows["chunked"]["grad_buffer_bytes"] == (32 + 64) * 8 * 4
     section = report.bench_section({"bench": cfg})
     assert "Measured by kernels.bench.harness" in section and "- akl: " in section
+    cfg["vocab_parallel"] = {"worlds": [1, 2], "divergences": ["js"]}
+    doc = bench.run(cfg | {"divergences": []}, "cpu", threads=2)  # the scaling rows only
+    one, two = doc["vocab_parallel"]
+    assert (one["divergence"], one["world"], two["world"], two["threads"]) == ("js", 1, 2, 1)
+    assert two["grad_buffer_bytes"] == (32 + 32) * 8 * 4  # e_s and half the student head
+    assert "| js | 2 | 1 |" in (tmp_path / "results.md").read_text()
