@@ -151,15 +151,18 @@ def vocab_parallel_sweep(cfg: dict, device: str, threads: int | None = None, on_
     world size of its ``worlds``: the vocabulary-parallel fused loss in W fresh processes (the
     ``threads`` budget split between them on CPU), against world 1."""
     vp = cfg["vocab_parallel"]
-    rows: list[dict] = []
+    rows: list[dict] = []  # the finished divergences' rows
+
+    def update(got: list[dict]) -> None:
+        on_update(rows + harness.versus_world1(got))
+
     for divergence in vp.get("divergences", cfg["divergences"][:1]):
         case = {"divergence": divergence, "method": VOCAB_PARALLEL, "device": device,
-                "repeats": cfg.get("repeats", 0)} | {k: cfg[k] for k in ("n", "v", "d", "temperature")}  # fmt: skip
+                "repeats": cfg.get("repeats", 0)}  # fmt: skip
+        case |= {k: cfg[k] for k in ("n", "v", "d", "temperature")}
         cases = harness.world_cases(case, vp["worlds"], threads or torch.get_num_threads())
-        update = None
-        if on_update is not None:
-            update = lambda r, prev=list(rows): on_update(prev + harness.versus_world1(r))  # noqa: E731
-        rows += harness.versus_world1(harness.sweep(MODULE, cases, 1, on_update=update))
+        sweep = harness.sweep(MODULE, cases, 1, on_update=update if on_update else None)
+        rows += harness.versus_world1(sweep)
     return rows
 
 

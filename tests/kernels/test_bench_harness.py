@@ -169,8 +169,8 @@ def test_cce_bench_vocab_parallel_rows(tmp_path):
     table, memory and time against world 1, the cores split between the ranks."""
     from projects.cce import bench
 
-    cfg = {"out": str(tmp_path), "n": 64, "v": 256, "d": 16, "repeats": 0, "methods": ["cce_chunked"],
-           "vocab_parallel": {"worlds": [1, 2]}}  # fmt: skip
+    cfg = {"out": str(tmp_path), "n": 64, "v": 256, "d": 16, "repeats": 0,
+           "methods": ["cce_chunked"], "vocab_parallel": {"worlds": [1, 2]}}  # fmt: skip
     doc = bench.run(cfg, "cpu", threads=2)
     one, two = doc["vocab_parallel"]
     assert (one["world"], one["threads"], two["world"], two["threads"]) == (1, 2, 2, 1)

@@ -124,6 +124,9 @@ def _dtensor_worker(rank, world):
     kd.backward()
     with pytest.raises(ValueError, match="Shard"):  # a replicated head is not a vocabulary shard
         linear_cross_entropy(e, distribute_tensor(c, mesh, [Replicate()]), t)
+    for fn, args in ((linear_cross_entropy, (e, c_dt, t)), (linear_kd_loss, (e, c_dt, e, w_t))):
+        with pytest.raises(ValueError, match="impl='reference' is single-process"):
+            fn(*args, impl="reference")
     return ce + [kd.detach(), e.grad, c_dt.grad.to_local() - ce[2]]
 
 
