@@ -119,6 +119,82 @@ def test_plain_mixup_and_ranking_losses_match_a_hand_computation(monkeypatch):
     torch.testing.assert_close(n.batch_loss(x, y), want)
 
 
+def _authors_mrl(inputs, targets, mixup, target_re, margin, alpha):
+    """RankMixup_MRL.forward of github.com/cvlab-yonsei/RankMixup (calibrate/losses/
+    rankmixup.py), re-expressed step by step for the cross-check."""
+    ce = F.cross_entropy(inputs, targets)
+    mask = (target_re == 1.0).sum(dim=1).reshape(1, -1).sum(dim=0) == 0.0
+    diff = mixup.max(dim=1).values.unsqueeze(1) - inputs.max(dim=1).values.unsqueeze(1)
+    return ce + alpha * (mask * F.relu(diff + margin)).mean()
+
+
+def _authors_mndcg(inputs, targets, mixup, target_re, n_mix, alpha):
+    """RankMixup_MNDCG.forward / get_indcg of the same file: mixup (M N, C) stacked by mixup."""
+    c = inputs.shape[1]
+    mix = F.softmax(mixup.reshape(n_mix, -1, c), dim=2)
+    tre = target_re.reshape(n_mix, -1, c)
+    probs = F.softmax(inputs, dim=1)
+    max_values = probs.max(dim=1, keepdim=True)[0]
+    max_mixup, max_lam = mix.max(dim=2)[0].t(), tre.max(dim=2)[0].t()  # (N, M)
+    order = torch.argsort(max_lam, descending=True)
+    discount = torch.log2(torch.arange(1, 2 + n_mix).double() + 1)
+    dcg = (torch.cat((max_values, max_mixup.gather(1, order)), 1) / discount).sum(1)
+    ones = torch.ones(inputs.shape[0], 1, dtype=inputs.dtype)
+    idcg = (torch.cat((ones, max_lam.gather(1, order)), 1) / discount).sum(1)
+    ndcg = torch.where(idcg > dcg, dcg / idcg, idcg / dcg)
+    return F.cross_entropy(inputs, targets) + alpha * (1.0 - ndcg).mean()
+
+
+def test_rankmixup_losses_against_the_authors_code_on_the_same_input():
+    """Cross-check (issue #16 item 8) on the same logits and mixed targets: core's mndcg equals
+    the authors' M-NDCG. Core's mrl equals the authors' MRL when no row mixes a class with
+    itself; otherwise the authors' (N,) mask times (N, 1) hinges broadcasts to (N, N), so their
+    ranking term is mean(mask) * mean(hinge) over every row, where core's is mean(mask * hinge)
+    (the paper's "skip self-mixed samples")."""
+    g = torch.Generator().manual_seed(0)
+    n, c, m = 12, 10, 3
+    y = torch.randint(0, c, (n,), generator=g)
+    y[:4] = 2  # some pairs mix a class with itself: the MRL mask must drop them
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    mixed = torch.randn(m, n, c, generator=g, dtype=torch.float64) * 3
+    soft = []
+    for lam in (0.7, 0.55, 0.9):
+        perm = torch.randperm(n, generator=g)
+        onehot = F.one_hot(y, c).double()
+        soft.append(lam * onehot + (1 - lam) * onehot[perm])
+    soft = torch.stack(soft)  # (M, N, C)
+    ours = mndcg(logits, y, mixed, soft, alpha=0.1)
+    theirs = _authors_mndcg(logits, y, mixed.reshape(m * n, c), soft.reshape(m * n, c), m, 0.1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    ce = F.cross_entropy(logits, y)
+    hinge = F.relu(mixed[0].max(1).values - logits.max(1).values + 2.0)  # (N,)
+    mask = ((soft[0] == 1.0).sum(1) == 0).double()
+    assert 0 < mask.sum() < n  # self-mixed rows present
+    ours = mrl(logits, y, mixed[0], soft[0], margin=2.0, alpha=0.1)
+    theirs = _authors_mrl(logits, y, mixed[0], soft[0], margin=2.0, alpha=0.1)
+    torch.testing.assert_close(ours, ce + 0.1 * (mask * hinge).mean())
+    torch.testing.assert_close(theirs, ce + 0.1 * mask.mean() * hinge.mean())
+    assert abs(float(ours - theirs)) > 1e-3
+    keep = mask.bool()  # only really mixed rows: the two agree
+    ours = mrl(logits[keep], y[keep], mixed[0][keep], soft[0][keep], margin=2.0, alpha=0.1)
+    theirs = _authors_mrl(logits[keep], y[keep], mixed[0][keep], soft[0][keep], 2.0, 0.1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_focal_matches_the_authors_code_up_to_its_sum_reduction():
+    """Cross-check: Mukhoti et al.'s FocalLoss (github.com/torrvision/focal_calibration,
+    Losses/focal_loss.py, size_average False) sums -(1 - p_y)^gamma log p_y over the batch;
+    ours is its mean, the same direction for Adam."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(9, 10, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, 10, (9,), generator=g)
+    logpt = F.log_softmax(z, dim=1).gather(1, y[:, None]).view(-1)
+    theirs = (-1 * (1 - logpt.exp()) ** 3.0 * logpt).sum()
+    module = LossClassifier(mlp(3, [4], 10), {"fn": "focal", "gamma": 3.0}, lr=1e-3, n_classes=10)
+    ours = module.loss_fn(z, y, **module.hp)
+    torch.testing.assert_close(ours * 9, theirs)
+
+
 def test_bad_loss_specs_are_refused_by_name():
     with pytest.raises(KeyError, match="no_such_loss"):
         _module({"fn": "no_such_loss"})
