@@ -164,6 +164,29 @@ def test_cce_bench_stage_smoke(tmp_path, capsys):
     assert set(targets) == {"cce_chunked"} and targets["cce_chunked"]["vs_fastest_peer"]
 
 
+def test_world_cases_split_the_threads_and_rows_compare_with_world_one():
+    cases = harness.world_cases({"device": "cpu", "n": 8}, [1, 2, 3], threads=4)
+    assert [(c["world"], c["threads"]) for c in cases] == [(1, 4), (2, 2), (3, 1)]
+    assert harness.world_cases({"device": "cuda"}, [2], threads=4)[0]["threads"] == 0
+    rows = [
+        {"world": 1, "threads": 2, "fwd_bwd_s": 2.0, "fwd_bwd_cpu_s": 4.0,
+         "peak_mem_bytes": 200 << 20, "peak_vs_grad_buffers": 1.2},
+        {"world": 2, "threads": 1, "fwd_bwd_s": 2.5, "fwd_bwd_cpu_s": 2.4,
+         "peak_mem_bytes": 100 << 20, "peak_vs_grad_buffers": 1.3},
+        {"world": 4, "threads": 1, "error": "rank 3: boom"},
+    ]  # fmt: skip
+    one, two, bad = harness.versus_world1(rows)
+    assert (one["mem_vs_world1"], two["mem_vs_world1"], two["time_vs_world1"]) == (1, 0.5, 1.25)
+    assert bad == rows[2] and harness.versus_world1(rows[1:]) == rows[1:]  # no world 1: as is
+    table = harness.world_table([one, two, bad], label="").splitlines()
+    assert table[2] == "| 1 | 2 | 200 | 1.00 | 1.20 | 2.00 | 1.00 | 4.00 |"
+    assert table[3] == "| 2 | 1 | 100 | 0.50 | 1.30 | 2.50 | 1.25 | 2.40 |"
+    assert table[4].startswith("| 4 | 1 | rank 3: boom |")
+    labelled = harness.world_table([one | {"divergence": "js"}], label="divergence")
+    assert labelled.splitlines()[2].startswith("| js | 1 | 2 | 200 |")
+
+
+@pytest.mark.slow
 def test_cce_bench_vocab_parallel_rows(tmp_path):
     """``bench.vocab_parallel``: the loss in 1 and 2 processes; per-rank rows beside the main
     table, memory and time against world 1, the cores split between the ranks."""
@@ -197,8 +220,16 @@ def test_kd_bench_stage_smoke(tmp_path):
     assert rows["chunked"]["grad_buffer_bytes"] == (32 + 64) * 8 * 4
     section = report.bench_section({"bench": cfg})
     assert "Measured by kernels.bench.harness" in section and "- akl: " in section
-    cfg["vocab_parallel"] = {"worlds": [1, 2], "divergences": ["js"]}
-    doc = bench.run(cfg | {"divergences": []}, "cpu", threads=2)  # the scaling rows only
+
+
+@pytest.mark.slow
+def test_kd_bench_vocab_parallel_rows(tmp_path):
+    """``bench.vocab_parallel``: the fused KD loss in 1 and 2 processes, a table of its own."""
+    from projects.kd import bench
+
+    cfg = {"out": str(tmp_path), "n": 32, "v": 64, "d": 8, "temperature": 2.0, "repeats": 0,
+           "divergences": [], "vocab_parallel": {"worlds": [1, 2], "divergences": ["js"]}}  # fmt: skip
+    doc = bench.run(cfg, "cpu", threads=2)  # the scaling rows only
     one, two = doc["vocab_parallel"]
     assert (one["divergence"], one["world"], two["world"], two["threads"]) == ("js", 1, 2, 1)
     assert two["grad_buffer_bytes"] == (32 + 32) * 8 * 4  # e_s and half the student head
