@@ -2,6 +2,8 @@
 
 import textwrap
 
+import pytest
+
 from core.engine import deps, identity
 
 
@@ -48,3 +50,16 @@ def test_missing_deps_names_uncovered_files(tmp_path, monkeypatch):
     assert deps.missing_deps(tmp_path / "dvc.yaml", tmp_path) == {
         "s": ["probe_pkg/__init__.py", "probe_pkg/lazy.py"]
     }
+
+
+PIPELINES = sorted(
+    p.relative_to(identity.REPO_ROOT).as_posix()
+    for p in [identity.REPO_ROOT / "dvc.yaml", *identity.REPO_ROOT.glob("projects/*/dvc.yaml")]
+)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_every_committed_pipeline_covers_its_imports(pipeline):
+    """Every stage of every committed pipeline lists the code its entry point imports."""
+    assert len(PIPELINES) >= 6
+    assert deps.missing_deps(identity.REPO_ROOT / pipeline) == {}

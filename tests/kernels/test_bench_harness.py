@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from kernels.bench import harness
 from kernels.bench.harness import _row, median_ratio, run_json
