@@ -54,7 +54,9 @@ def table(summary: dict[str, Any]) -> str:
         [f"teacher ({t['n_layer']} x {t['n_embd']})", "cce pipeline", fmt(t["val_loss"], 4),
          fmt(t["val_ppl"], 1), "", f"{t['n_params'] / 1e6:.1f}M"],
     ]  # fmt: skip
-    for name, seeds in losses.items():
+    order = sorted(losses, key=lambda n: (n != CE_RUN, n != "forward_kl"))  # stable otherwise
+    for name in order:
+        seeds = losses[name]
         loss = mean_std(seeds.values())
         ppl = mean_std(math.exp(v) for v in seeds.values())
         delta = ""
