@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from core.losses._registry import LOSSES
-from kernels.cce.api import IMPLS, linear_cross_entropy_impl
-from kernels.chunking import check_options
-from kernels.vocab_parallel import VocabShard
+
+if TYPE_CHECKING:
+    from kernels.vocab_parallel import VocabShard
+
+# The kernels are imported where a fused loss is called, not with core.losses: a run that never
+# calls one does not load their code, so its run identity (core.engine.identity) and results
+# stay valid when only the kernels change.
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,6 +40,9 @@ def _validate(
     e, c, targets, bias, ignore_index, softcap, reduction, shift, filter_eps, return_lse, impl,
     memory_target, label_smoothing, z_loss,
 ) -> None:  # fmt: skip
+    from kernels.cce.api import IMPLS
+    from kernels.chunking import check_options
+
     check_options(
         reduction=reduction, ignore_index=ignore_index, memory_target=memory_target, impl=impl,
         impls=IMPLS,
@@ -154,6 +162,8 @@ def vocab_split(group, head: torch.Tensor) -> VocabShard | None:
     rank's head rows; each shard must hold >= 1 row."""
     if group is None:
         return None
+    from kernels.vocab_parallel import VocabShard
+
     vocab = VocabShard.gather(group, head.shape[0], head.device)
     if min(vocab.sizes) < 1:
         raise ValueError(f"every vocabulary shard needs >= 1 row, got shard sizes {vocab.sizes}")
@@ -211,6 +221,8 @@ def linear_cross_entropy(
     )  # fmt: skip
     vocab = vocab_split(group, c)
     check_target_range(targets, c.shape[0] if vocab is None else vocab.total, ignore_index)
+    from kernels.cce.api import linear_cross_entropy_impl
+
     return linear_cross_entropy_impl(
         e,
         c,

@@ -11,14 +11,18 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.losses._registry import DIVERGENCES, get_divergence
 from core.losses.linear_ce import check_target_range, local_heads, vocab_split
 from core.registry import RegistryError
-from kernels.chunking import check_options
-from kernels.kd import IMPLS, FusedDivergence, linear_kd_impl
+
+if TYPE_CHECKING:
+    from kernels.kd import FusedDivergence
+
+# kernels imported where the fused loss is called (see core.losses.linear_ce)
 
 __all__ = ["fused_divergence", "fused_divergence_names", "linear_kd_loss"]
 
@@ -45,6 +49,8 @@ def fused_divergence(name: str, **hparams: float) -> FusedDivergence:
     kw = {"targets": torch.zeros(1, dtype=torch.int64)} if div.needs_targets else {}
     rows(probe, probe, **kw, **hparams)  # raises on a bad or unknown hyperparameter
     closed = div.closed_form
+    from kernels.kd import FusedDivergence
+
     return FusedDivergence(
         per_row=functools.partial(rows, **hparams),
         closed_form=functools.partial(closed, **hparams) if closed is not None else None,
@@ -144,6 +150,9 @@ def linear_kd_loss(
     is merged from each rank's top-k candidates, so all ranks find the same global head.
     Chunking after Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary LMs", arXiv:2411.09009.
     """
+    from kernels.chunking import check_options
+    from kernels.kd import IMPLS, linear_kd_impl
+
     check_options(
         reduction=reduction, ignore_index=ignore_index, memory_target=memory_target, impl=impl,
         impls=IMPLS,

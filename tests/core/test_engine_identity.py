@@ -98,3 +98,23 @@ def test_stored_record_and_missing_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data_digests([tmp_path / "missing"])
     assert load_cached(path, {"a": 1}, requires=[tmp_path / "curve.csv"]) is None
+
+
+def test_core_losses_loads_no_fused_kernel_until_one_is_called():
+    """A run that never calls a fused loss is not tied to the kernels' code: importing
+    core.losses loads only kernels.vocab_parallel (the divergences' row reductions); the first
+    fused call loads the rest."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, core.losses as L\n"
+        "k = lambda: sorted(m for m in sys.modules if m.startswith('kernels.'))\n"
+        "print(k())\n"
+        "L.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))\n"
+        "print(k())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = out.stdout.strip().splitlines()
+    assert before == "['kernels.vocab_parallel']"
+    assert "'kernels.cce.api'" in after and "'kernels.chunking'" in after
