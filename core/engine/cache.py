@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from core.engine.identity import RunIdentity
+from core.engine.identity import RunIdentity, code_digests
 from core.utils.io import atomic_write_json
 
 __all__ = ["IDENTITY_FILE", "cached_run", "claim_run_dir", "load_cached", "seal_run_dir"]
@@ -70,11 +70,12 @@ def cached_run(
     stored = load_cached(path, config, data)
     if stored is not None:
         return stored | {"cached": True}
+    since = code_digests()
     start, cpu = time.perf_counter(), time.process_time()
     result = dict(fn())
     result["wall_s"] = round(time.perf_counter() - start, 2)
     result["cpu_s"] = round(time.process_time() - cpu, 2)
-    record = {"identity": RunIdentity.seal(config, data).as_dict(), **result}
+    record = {"identity": RunIdentity.seal(config, data, since).as_dict(), **result}
     atomic_write_json(path, record)
     return record | {"cached": False}
 
@@ -107,9 +108,13 @@ def claim_run_dir(
 
 
 def seal_run_dir(
-    run_dir: str | os.PathLike, config: Mapping[str, Any], data: Iterable[str | os.PathLike] = ()
+    run_dir: str | os.PathLike,
+    config: Mapping[str, Any],
+    data: Iterable[str | os.PathLike] = (),
+    since: Mapping[str, str] | None = None,
 ) -> RunIdentity:
-    """Write ``run_dir/identity.json`` for the checkpoints saved there now (code as imported)."""
-    identity = RunIdentity.seal(config, data)
+    """Write ``run_dir/identity.json`` for the checkpoints saved there now (code as imported;
+    ``since``: the code digests when the run started, see :meth:`RunIdentity.seal`)."""
+    identity = RunIdentity.seal(config, data, since)
     atomic_write_json(Path(run_dir) / IDENTITY_FILE, {"identity": identity.as_dict()})
     return identity

@@ -7,6 +7,11 @@ with the SHA-256 of its source. A stored identity is still valid when the config
 input data hash the same, and every recorded module still hashes the same; a module the run
 never imported cannot invalidate it. Machine knobs (threads, workers) are not part of a config:
 callers pass the resolved params without the ``machine`` block (:func:`run_config`).
+
+The digests are read when the identity is sealed, after the run; a run therefore passes the
+digests taken when it started (``since``), and sealing refuses (:class:`CodeChangedError`) when
+a module file changed on disk while the run used it: its result would otherwise be stored under
+code it did not run.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "REPO_ROOT",
+    "CodeChangedError",
     "RunIdentity",
     "canonical",
     "code_digests",
@@ -109,6 +115,10 @@ def code_digests(files: Iterable[str | os.PathLike] | None = None) -> dict[str, 
     return {_relative(Path(f)): file_digest(f) for f in files}
 
 
+class CodeChangedError(RuntimeError):
+    """A module's source changed on disk while a run that imported it was running."""
+
+
 @dataclass(frozen=True)
 class RunIdentity:
     """What produced a result: ``config`` (JSON data), ``data`` and ``code`` digests.
@@ -122,9 +132,25 @@ class RunIdentity:
     code: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def seal(cls, config: Mapping[str, Any], data: Iterable[str | os.PathLike] = ()) -> RunIdentity:
-        """The identity of a run with ``config`` and input ``data``, code as imported now."""
-        return cls(canonical(dict(config)), data_digests(data), code_digests())
+    def seal(
+        cls,
+        config: Mapping[str, Any],
+        data: Iterable[str | os.PathLike] = (),
+        since: Mapping[str, str] | None = None,
+    ) -> RunIdentity:
+        """The identity of a run with ``config`` and input ``data``, code as imported now.
+
+        ``since``: :func:`code_digests` taken when the run started; a module among them whose
+        file no longer hashes the same raises :class:`CodeChangedError` (nothing is sealed).
+        """
+        code = code_digests()
+        changed = sorted(f for f, digest in (since or {}).items() if code.get(f, digest) != digest)
+        if changed:
+            raise CodeChangedError(
+                f"{', '.join(changed)} changed on disk while this run used it; its result is not "
+                "stored (rerun it)"
+            )
+        return cls(canonical(dict(config)), data_digests(data), code)
 
     @property
     def key(self) -> str:

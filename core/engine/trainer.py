@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from core.engine.cache import claim_run_dir, seal_run_dir
+from core.engine.identity import code_digests
 
 __all__ = [
     "EpochLine",
@@ -142,12 +143,12 @@ class EpochLine(Callback):
 class _SealIdentity(Callback):
     """Writes ``identity.json`` whenever a checkpoint is saved (code as imported by then)."""
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    def __init__(self, run: Run, since: dict[str, str]) -> None:
+        self.run, self.since = run, since
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.is_global_zero:
-            seal_run_dir(self.run.dir, self.run.config, self.run.data)
+            seal_run_dir(self.run.dir, self.run.config, self.run.data, self.since)
 
 
 @dataclass
@@ -237,7 +238,8 @@ def fit(
     checkpoint and at the end.
     """
     resumable = claim_run_dir(run.dir, run.config, run.data) if checkpoint else False
-    extra = [_SealIdentity(run)] if checkpoint else []
+    since = code_digests()
+    extra = [_SealIdentity(run, since)] if checkpoint else []
     trainer = build_trainer(
         cfg,
         run.dir,
@@ -259,7 +261,7 @@ def fit(
         ckpt_path=ckpt,
     )
     if checkpoint and trainer.is_global_zero:
-        seal_run_dir(run.dir, run.config, run.data)
+        seal_run_dir(run.dir, run.config, run.data, since)
     return trainer
 
 

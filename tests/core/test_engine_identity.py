@@ -10,7 +10,13 @@ import json
 import pytest
 
 from core.engine.cache import cached_run, load_cached
-from core.engine.identity import RunIdentity, code_digests, data_digests, run_config
+from core.engine.identity import (
+    CodeChangedError,
+    RunIdentity,
+    code_digests,
+    data_digests,
+    run_config,
+)
 from tests.core.engine_probe import probe_repo
 
 PARAMS = {"seed": 0, "model": {"width": 8}, "machine": {"threads": 1, "workers": 2}}
@@ -118,3 +124,22 @@ def test_core_losses_loads_no_fused_kernel_until_one_is_called():
     before, after = out.stdout.strip().splitlines()
     assert before == "['kernels.vocab_parallel']"
     assert "'kernels.cce.api'" in after and "'kernels.chunking'" in after
+
+
+def test_a_module_edited_during_the_run_is_not_sealed(tmp_path, monkeypatch):
+    """An edit to a module the run imported, made while it runs, refuses the result (it would be
+    stored under code it did not run); the next call runs the new code and stores it."""
+    repo, calls = probe_repo(tmp_path, monkeypatch), []
+    path, cfg = tmp_path / "runs" / "a.json", run_config(PARAMS)
+    repo.model()
+
+    def edits_midway():
+        calls.append(1)
+        repo.edit("model", "\n# edited while a run used me\n")
+        return {"value": 1}
+
+    with pytest.raises(CodeChangedError, match="probe_pkg/model.py changed on disk"):
+        cached_run(path, cfg, edits_midway)
+    assert not path.exists()
+    again = cached_run(path, cfg, _runner(repo, calls))
+    assert not again["cached"] and len(calls) == 2 and path.exists()
