@@ -13,6 +13,10 @@ subclasses ``ChunkLoss`` and writes only ``chunk``. Memory O(chunk x V + N x D +
 Vocabulary parallelism (``ChunkLoss.vocab``, see ``kernels.vocab_parallel``): c is this rank's
 shard of the vocabulary rows; the chunk maths combine their row statistics over the group, this
 core sizes the chunks alike on every rank and all-reduces dE; dC stays local.
+fp16/bf16 on CPU (``half_path``): where the CPU has matrix instructions for the dtype the
+native half path runs the GEMMs in the input dtype and the chunk maths in fp32 on small
+sub-blocks (``_sweep_half``), with dC accumulated in fp32 and no fp32 copies of e or c; elsewhere
+(and for vocabulary shards) the inputs are upcast to fp32 once (the upcast path).
 
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv:2411.09009;
 Hsu et al. 2024, "Liger Kernel", arXiv:2410.10989 (its fused-linear chunked-loss base class).
@@ -21,8 +25,10 @@ Hsu et al. 2024, "Liger Kernel", arXiv:2410.10989 (its fused-linear chunked-loss
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
+import os
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -34,6 +40,75 @@ REDUCTIONS = ("mean", "sum", "none")
 MEMORY_TARGET = 1.25
 SAFETY_BYTES = 2 << 20
 MIN_CHUNK_BUDGET_BYTES = 8 << 20
+# Native half path (bf16/fp16 on CPUs with half matrix instructions): the chunk's logits stay in
+# the input dtype and go through the fp32 maths SUB_ROWS rows at a time in a small (s, V) fp32
+# work buffer; dC accumulates in fp32 blocks of V_BLOCK vocabulary rows.
+SUB_ROWS = 16
+V_BLOCK = 4096
+HALF_PATH_ENV = "KERNELS_CPU_HALF_PATH"  # "upcast" | "native": overrides the capability check
+HALF_PATHS = ("upcast", "native")
+HALF_FLAGS = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+}
+_log = logging.getLogger(__name__)
+_logged: set = set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_half_path(dtype: torch.dtype) -> tuple[str, str]:
+    """("native" | "upcast", reason) for fp16/bf16 inputs of the chunked path on CPU.
+
+    native: GEMMs in the input dtype, fp32 softmax and dC accumulation; chosen where the CPU
+    has matrix instructions for the dtype (bf16: avx512_bf16 / amx_bf16, fp16: avx512_fp16 /
+    amx_fp16, with ATen's AVX512 kernels), else upcast (fp32 copies of the inputs, fp32 GEMMs).
+    ``KERNELS_CPU_HALF_PATH=upcast|native`` overrides the check (tests, benchmarks).
+    """
+    env = os.environ.get(HALF_PATH_ENV, "")
+    if env:
+        if env not in HALF_PATHS:
+            raise ValueError(f"{HALF_PATH_ENV} must be one of {HALF_PATHS} or unset, got {env!r}")
+        return env, f"{HALF_PATH_ENV}={env}"
+    flags = HALF_FLAGS.get(dtype)
+    if flags is None:
+        return "upcast", f"{dtype} is not a half-precision dtype"
+    have = sorted(set(flags) & cpu_flags())
+    if not have:
+        return "upcast", f"the CPU has no {' / '.join(flags)} (half GEMMs would be emulated)"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if not cap.startswith("AVX512"):
+        return "upcast", f"ATen CPU capability {cap} (needs AVX512 kernels)"
+    return "native", f"the CPU has {' / '.join(have)} (ATen capability {cap})"
+
+
+def half_path(e: torch.Tensor, c: torch.Tensor, bias, loss: ChunkLoss) -> tuple[str, str]:
+    """The chunked path's choice for these inputs: "native" only for CPU fp16/bf16 e, c (and
+    bias) of one dtype, no vocabulary shard, and ``cpu_half_path`` saying so; logged once per
+    (dtype, choice)."""
+    if e.device.type != "cpu" or e.dtype not in HALF_FLAGS:
+        return "upcast", "not a CPU half-precision input"
+    if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
+        path, why = "upcast", "mixed input dtypes"
+    elif loss.vocab is not None:
+        path, why = "upcast", "vocabulary-parallel calls (process_group) take the upcast path"
+    else:
+        path, why = cpu_half_path(e.dtype)
+    if (e.dtype, path, why) not in _logged:
+        _logged.add((e.dtype, path, why))
+        _log.info("fused linear loss, %s on CPU: %s path (%s)", e.dtype, path, why)
+    return path, why
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,19 +123,22 @@ def pick_chunk_size(
     dtype: torch.dtype,
     n_buffers: int = 1,
     memory_target: float = MEMORY_TARGET,
+    buffer_item: int | None = None,
 ) -> int:
     """Rows per chunk so that ``n_buffers`` (chunk, V) buffers fit the memory budget.
 
     Budget: (memory_target - 1) x the gradient buffers ((N + V) x D accumulators) minus a small
     margin, so the peak above the inputs stays <= memory_target x the gradient buffers. A larger
-    target buys longer GEMMs (more rows per chunk): speed for memory.
+    target buys longer GEMMs (more rows per chunk): speed for memory. ``buffer_item``: bytes
+    per element of the chunk buffers (default the accumulation dtype's; 2 on the native half
+    path, whose fp32 sub-block buffers are small).
     """
     if not memory_target > 1.0:
         raise ValueError(f"memory_target must be > 1 (x the gradient buffers), got {memory_target}")
     item = torch.finfo(acc_dtype(dtype)).bits // 8
     grad_bytes = (n + v) * d * item
     budget = max((memory_target - 1) * grad_bytes - SAFETY_BYTES, MIN_CHUNK_BUDGET_BYTES)
-    rows = int(budget // max(v * item * n_buffers, 1))
+    rows = int(budget // max(v * (buffer_item or item) * n_buffers, 1))
     rows = rows // 8 * 8 if rows >= 16 else max(rows, 1)
     return max(1, min(rows, n))
 
@@ -142,6 +220,8 @@ class ChunkLoss:
     n_outputs: int = 1  # per-row outputs: the loss first, then extras (CCE: its LSE)
     transposed: bool = True  # the chunk's logits stored (V, k) (see chunk_logits)
     vocab = None  # a kernels.vocab_parallel.VocabShard when c is this rank's vocabulary shard
+    native = False  # set by the core: True on the native half path (inputs kept in fp16/bf16)
+    n_half_buffers: int = 1  # native half path: (chunk, V) input-dtype buffers (logits included)
 
     def chunk(self, z: torch.Tensor, rows: slice | torch.Tensor, w: tuple | None):
         """Per-row outputs of one chunk and, given output weights, the gradient w.r.t. z.
@@ -152,6 +232,15 @@ class ChunkLoss:
         ``n_outputs`` (k,) tensors and g (k, V) = sum_o w_o d output_o / d z (may be z), or None.
         """
         raise NotImplementedError
+
+    def begin_chunk(self, rows: slice | torch.Tensor) -> None:
+        """Native half path: called once per chunk of ``rows`` before its sub-blocks go to
+        ``chunk`` (KD computes its teacher's chunk logits here, in the input dtype)."""
+
+    def upcast(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """An fp32 copy of x (m, V) in persistent buffer ``i``: a sub-block of a half chunk."""
+        out = self._flat(i, x.numel(), x.new_empty(0, dtype=torch.float32))
+        return out.view(x.shape).copy_(x)
 
     def buffer(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """Persistent work buffer ``i`` shaped and strided like ``like``: allocated at the first
@@ -167,7 +256,7 @@ class ChunkLoss:
         """The (r, V) logits of rows ``rows`` (indices into the N rows) recomputed from the
         core's e, c, bias: for a chunk's rare exact-path fallback."""
         e, c, bias = self.__dict__["_head"]
-        z = e.index_select(0, rows) @ c.T
+        z = (e.index_select(0, rows) @ c.T).to(acc_dtype(e.dtype))
         return z if bias is None else z.add_(bias)
 
     def _flat(self, i: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -178,14 +267,17 @@ class ChunkLoss:
 
     def release(self) -> None:
         """Free the work buffers (called at the end of every sweep)."""
-        self.__dict__.pop("_buffers", None)
-        self.__dict__.pop("_head", None)
+        for key in ("_buffers", "_head", "_teacher", "_chunk_t"):
+            self.__dict__.pop(key, None)
 
 
-def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, want):
+def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, want, native=False):
     """One pass over the valid rows: per-row outputs (N,) each (0 on other rows) and, with
     ``weights`` (one (n_valid,) tensor or None per output), the gradients (dE, dC, dbias) of
-    sum_o weights_o . output_o for the inputs flagged in ``want``."""
+    sum_o weights_o . output_o for the inputs flagged in ``want`` (``native``: see
+    ``_sweep_half``)."""
+    if native:
+        return _sweep_half(e, c, bias, loss, valid, n_valid, chunk_size, weights, want)
     n, v = e.shape[0], c.shape[0]
     outs = [e.new_zeros(n) for _ in range(loss.n_outputs)]
     de = dc = db = de_tmp = None
@@ -238,6 +330,119 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
     return outs, (de, dc, db)
 
 
+class _HalfGradC:
+    """dC (V, D) of the native half path: each chunk's bf16/fp16 GEMM g^T e_k, V_BLOCK
+    vocabulary rows at a time, added into fp32 blocks (allocated at the first chunk); rounded
+    to the input dtype once, by ``result``."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        v, d = c.shape
+        self.like = c
+        self.blocks = [(lo, min(lo + V_BLOCK, v)) for lo in range(0, v, V_BLOCK)]
+        self.acc: list = [None] * len(self.blocks)
+        vb = min(V_BLOCK, v)
+        self.part = c.new_empty(vb, d)  # the GEMM's half output
+        self.stage = c.new_empty(vb, d, dtype=torch.float32)  # its fp32 copy: same-dtype add_
+
+    def add(self, g: torch.Tensor, ek: torch.Tensor) -> None:
+        """acc += g^T ek for one chunk: g (k, V), ek (k, D), both in the input dtype."""
+        for b, (lo, hi) in enumerate(self.blocks):
+            p = torch.mm(g[:, lo:hi].T, ek, out=self.part[: hi - lo])
+            if self.acc[b] is None:
+                self.acc[b] = p.float()
+            else:  # a mixed-dtype add_ would allocate a converted temporary per block
+                self.acc[b].add_(self.stage[: hi - lo].copy_(p))
+
+    def result(self, scale: float = 1.0) -> torch.Tensor:
+        """scale x dC in the input dtype; the fp32 blocks are freed as they are rounded."""
+        self.part = self.stage = None
+        out = torch.empty_like(self.like)
+        for b, (lo, hi) in enumerate(self.blocks):
+            acc, self.acc[b] = self.acc[b], None
+            if acc is None:
+                out[lo:hi].zero_()
+            else:
+                out[lo:hi].copy_(acc.mul_(scale) if scale != 1.0 else acc)
+        return out
+
+
+def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, want):
+    """``_sweep`` for fp16/bf16 e, c kept in their dtype (no fp32 copies): per chunk one half
+    GEMM into a (k, V) half buffer; ``SUB_ROWS`` rows at a time are copied into an fp32 (s, V)
+    work buffer (cache-sized), go through ``loss.chunk`` in fp32 (with the bias added in fp32)
+    and their logit gradient is rounded once back into the half buffer; then dE = g c (half
+    GEMM, fp32 accumulation inside), dC += g^T e_k into fp32 blocks (``_HalfGradC``), dbias
+    summed in fp32 from the unrounded gradient. Outputs fp32; dC returned as a ``_HalfGradC``."""
+    n, v = e.shape[0], c.shape[0]
+    f32 = torch.float32
+    outs = [e.new_zeros(n, dtype=f32) for _ in range(loss.n_outputs)]
+    de = dc = db = de_tmp = None
+    if weights is not None:
+        if want[0]:
+            de = e.new_empty(e.shape) if valid is None else e.new_zeros(e.shape)
+            de_tmp = None if valid is None else e.new_empty(min(chunk_size, n_valid), e.shape[1])
+        if want[1]:
+            dc = _HalfGradC(c)
+        if want[2] and bias is not None:
+            db = bias.new_zeros(v, dtype=f32)
+    b32 = None if bias is None else bias.to(f32)
+    k_max = max(1, min(chunk_size, n_valid))
+    sub = min(SUB_ROWS, k_max)
+    flat = e.new_empty(k_max * v)
+    work = e.new_empty(sub * v, dtype=f32)
+    loss._head = (e, c, b32)
+    try:
+        for s in range(0, n_valid, k_max):
+            k = min(k_max, n_valid - s)
+            if valid is None:
+                rows = slice(s, s + k)
+                ek = e[rows]  # (k, D)
+            else:
+                rows = valid[s : s + k]
+                ek = e.index_select(0, rows)
+            z16 = chunk_logits(ek, c, None, flat, False)  # (k, V), input dtype
+            loss.begin_chunk(rows)
+            for j in range(0, k, sub):
+                m = min(sub, k - j)
+                loss.sub_block = slice(j, j + m)  # its place in the chunk (KD's teacher rows)
+                rj = slice(s + j, s + j + m) if valid is None else rows[j : j + m]
+                z = work[: m * v].view(m, v).copy_(z16[j : j + m])
+                if b32 is not None:
+                    z.add_(b32)
+                wj = (
+                    None
+                    if weights is None
+                    else tuple(x if x is None else x[s + j : s + j + m] for x in weights)
+                )
+                values, g = loss.chunk(z, rj, wj)
+                for out, x in zip(outs, values, strict=True):
+                    out[rj] = x
+                if wj is not None:
+                    z16[j : j + m].copy_(g)  # the one rounding of the logit gradient
+                    if db is not None:
+                        db.add_(g.sum(0))
+            if weights is None:
+                continue
+            if de is not None:
+                if valid is None:
+                    torch.mm(z16, c, out=de[rows])
+                else:
+                    torch.mm(z16, c, out=de_tmp[:k])
+                    de.index_copy_(0, rows, de_tmp[:k])
+            if dc is not None:
+                dc.add(z16, ek)
+    finally:
+        loss.release()
+        loss.__dict__.pop("sub_block", None)
+    return outs, (de, dc, db)
+
+
+def _half_grads(grads: tuple, scale: float = 1.0) -> tuple:
+    """(dE, dC, dbias) with a native sweep's fp32 dC blocks rounded (scale folded in first)."""
+    de, dc, db = grads
+    return de, (dc.result(scale) if isinstance(dc, _HalfGradC) else dc), db
+
+
 def _reduce_de(loss: ChunkLoss, grads: tuple) -> None:
     """On a vocabulary shard, dE holds this shard's part sum_j g_ij c_j: all-reduce it here,
     inside the autograd Function, so every rank's e (and what produced it) gets the full
@@ -251,15 +456,17 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, targets, ignore_index, loss, reduction, chunk_size):
-        acc = acc_dtype(e.dtype)
-        e_a, c_a = e.to(acc), c.to(acc)
-        b_a = bias.to(acc) if bias is not None else None
+        acc, native = acc_dtype(e.dtype), loss.native  # native: no fp32 copies of e, c
+        e_a, c_a = (e, c) if native else (e.to(acc), c.to(acc))
+        b_a = bias if native or bias is None else bias.to(acc)
         valid, n_valid = valid_rows(targets, e.shape[0], ignore_index)
         want = tuple(ctx.needs_input_grad[:3])
         eager = any(want) and reduction != "none" and loss.n_outputs == 1
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        weights = (e_a.new_full((n_valid,), scale),) if eager else None
-        outs, grads = _sweep(e_a, c_a, b_a, loss, valid, n_valid, chunk_size, weights, want)
+        weights = (e.new_full((n_valid,), scale, dtype=acc),) if eager else None
+        outs, grads = _sweep(
+            e_a, c_a, b_a, loss, valid, n_valid, chunk_size, weights, want, native=native
+        )
         if eager:
             _reduce_de(loss, grads)
         ctx.eager, ctx.grads, ctx.dtypes = eager, grads, (e.dtype, c.dtype)
@@ -278,9 +485,11 @@ class _FusedLinear(torch.autograd.Function):
                 raise RuntimeError("fused linear loss (chunked): backward called twice")
             grads, ctx.grads = ctx.grads, None  # hand the buffers over without a copy
             g = float(g_loss)
+            scaled = isinstance(grads[1], _HalfGradC)  # native: g folded in before rounding
+            grads = _half_grads(grads, g)
             if g != 1.0:
-                for buf in grads:
-                    if buf is not None:
+                for i, buf in enumerate(grads):
+                    if buf is not None and not (i == 1 and scaled):
                         buf.mul_(g)
         else:
             e, c, bias, targets = ctx.saved_tensors
@@ -294,8 +503,13 @@ class _FusedLinear(torch.autograd.Function):
             w += [None if g is None else g.to(acc) for g in g_extra]
             if valid is not None:
                 w = [x if x is None else x.index_select(0, valid) for x in w]
-            b_a = bias.to(acc) if bias is not None else None
-            _, grads = _sweep(e.to(acc), c.to(acc), b_a, loss, valid, n_valid, chunk_size, w, want)
+            if loss.native:
+                _, grads = _sweep(e, c, bias, loss, valid, n_valid, chunk_size, w, want, True)
+                grads = _half_grads(grads)
+            else:
+                b_a = bias.to(acc) if bias is not None else None
+                e_a, c_a = e.to(acc), c.to(acc)
+                _, grads = _sweep(e_a, c_a, b_a, loss, valid, n_valid, chunk_size, w, want)
             _reduce_de(loss, grads)
         de, dc, db = grads
         return (
@@ -325,11 +539,18 @@ def fused_linear_loss(
     0 if none; or sum) or (N,) for "none" (0 on ignored rows); extras (N,). ``chunk_size`` (rows
     per chunk) overrides ``memory_target`` (default MEMORY_TARGET), from which it is derived. On a
     vocabulary shard (``loss.vocab``) every rank sizes its chunks for the largest shard, so all
-    ranks run the same chunks and their collectives pair up.
+    ranks run the same chunks and their collectives pair up. fp16/bf16 CPU inputs take the
+    native half path or the upcast one as ``half_path`` chooses (logged once; vocabulary shards
+    and mixed dtypes always upcast); either way the loss comes back in fp32, gradients in the
+    inputs' dtypes.
     """
+    loss.native = half_path(e, c, bias, loss)[0] == "native"
     if chunk_size is None:
         target = MEMORY_TARGET if memory_target is None else memory_target
         n, (v, d) = e.shape[0], c.shape
         v = v if loss.vocab is None else max(loss.vocab.sizes)
-        chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_buffers, target)
+        if loss.native:  # half (chunk, V) buffers; the fp32 ones are SUB_ROWS rows
+            chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_half_buffers, target, 2)
+        else:
+            chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_buffers, target)
     return _FusedLinear.apply(e, c, bias, targets, ignore_index, loss, reduction, int(chunk_size))

@@ -5,9 +5,10 @@ reduction and autograd): log-sum-exp and target logit of each row, and the logit
 (w_loss + w_lse) softmax - w_loss onehot, written in place over the chunk's logit buffer (with
 a second buffer for the softcap's tanh); label smoothing and z-loss add terms to both. On a
 vocabulary shard (``kernels.vocab_parallel``) each chunk's row statistics are combined over the
-group by one all-gather before its gradient is formed. fp16/bf16 inputs are upcast once to fp32
-(CPU half GEMMs are slow and accumulate less exactly); losses come back in fp32, gradients in
-the input dtype.
+group by one all-gather before its gradient is formed. fp16/bf16 inputs: on a CPU with matrix
+instructions for the dtype the core's native half path (GEMMs in the input dtype, this maths in
+fp32 on SUB_ROWS-row sub-blocks; every option but vocabulary sharding), elsewhere upcast once to
+fp32 (``kernels.chunking.half_path``); losses come back in fp32, gradients in the input dtype.
 ``filter_eps`` is not used here: on CPU the dense GEMMs cost the same whether or not a tile
 could be skipped.
 

@@ -7,7 +7,10 @@ logits. The divergence comes in from its definition as a ``FusedDivergence`` (ke
 core): its per-row maths, differentiated by autograd over the chunk (Liger's chunked-loss
 pattern), or its hand-written in-place closed form where it has one (fewer (chunk, V) buffers,
 so longer GEMMs at equal memory). Cost 8 N V D flops (two forward GEMMs, two gradient GEMMs);
-the teacher receives no gradient.
+the teacher receives no gradient. fp16/bf16 inputs on CPU take the core's native half path
+where the CPU has matrix instructions for them (``kernels.chunking.half_path``): both heads'
+chunk logits in the input dtype, the divergence on SUB_ROWS-row fp32 copies of them; otherwise
+the teacher is upcast to fp32 with the student, one sweep at a time.
 """
 
 from __future__ import annotations
@@ -68,14 +71,16 @@ class DistillationChunk(ChunkLoss):
     ``kernels.vocab_parallel.using(vocab)``, its row reductions combined over the group."""
 
     transposed = False  # row-major (k, V) chunks: the closed forms reduce along rows
+    n_half_buffers = 2  # native half path: the student's and the teacher's chunk logits
 
     def __init__(
         self, e_t, w_t, targets, divergence: FusedDivergence, temperature, hard_weight,
-        vocab: VocabShard | None = None,
+        vocab: VocabShard | None = None, acc: torch.dtype | None = None,
     ):  # fmt: skip
         self.e_t, self.w_t, self.targets, self.div = e_t, w_t, targets, divergence
         self.temperature, self.hard_weight, self.vocab = temperature, hard_weight, vocab
         self.n_buffers = divergence.n_buffers + (1 if hard_weight > 0 else 0)
+        self.acc = acc  # the student's accumulation dtype (default the teacher's)
 
     def chunk(self, s, rows, w):
         with using(self.vocab):
@@ -118,10 +123,32 @@ class DistillationChunk(ChunkLoss):
             g.index_put_((ar[hit], tk[hit]), -h * wl[hit], accumulate=True)
         return (loss,), g
 
+    def teacher(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e_t, w_t) as the GEMMs take them: as given on the native half path, else in the
+        accumulation dtype (upcast once per sweep, dropped by ``release``)."""
+        if self.native:
+            return self.e_t, self.w_t
+        if "_teacher" not in self.__dict__:
+            acc = self.acc or acc_dtype(self.e_t.dtype)
+            self.__dict__["_teacher"] = (self.e_t.to(acc), self.w_t.to(acc))
+        return self.__dict__["_teacher"]
+
+    def begin_chunk(self, rows) -> None:
+        """Native half path: the teacher's chunk logits in the input dtype, buffer 0."""
+        e_t, w_t = self.teacher()
+        e_t = e_t[rows] if isinstance(rows, slice) else e_t.index_select(0, rows)
+        self.__dict__["_chunk_t"] = self.logits(0, e_t, w_t)
+
     def teacher_logits(self, rows, reuse: bool) -> torch.Tensor:
-        """The teacher's (k, V) logits of ``rows``; ``reuse``: in the persistent chunk buffer."""
-        e_t = self.e_t[rows] if isinstance(rows, slice) else self.e_t.index_select(0, rows)
-        return self.logits(0, e_t, self.w_t) if reuse else e_t @ self.w_t.T
+        """The teacher's (k, V) logits of ``rows`` in the accumulation dtype; ``reuse``: in a
+        persistent buffer (native half path: an fp32 copy of the chunk's current sub-block)."""
+        if reuse and self.native:
+            return self.upcast(3, self.__dict__["_chunk_t"][self.sub_block])
+        e_t, w_t = self.teacher()
+        e_t = e_t[rows] if isinstance(rows, slice) else e_t.index_select(0, rows)
+        if reuse:
+            return self.logits(0, e_t, w_t)
+        return (e_t @ w_t.T).to(self.acc or acc_dtype(e_t.dtype))
 
     def _exact_rows(self, rows, bad, d, g, want_grad):
         """Recompute the rows flagged ``bad`` through the divergence's per-row maths (the
@@ -163,10 +190,9 @@ def chunked_linear_kd(
     w_s and w_t hold this rank's vocabulary rows, targets are global ids, e_s and e_t are
     replicated; every rank gets the global loss and the full gradient of e_s.
     """
-    acc = acc_dtype(e_s.dtype)
     loss = DistillationChunk(
-        e_t.to(acc), w_t.to(acc), targets, divergence, float(temperature), float(hard_weight),
-        vocab,
+        e_t, w_t, targets, divergence, float(temperature), float(hard_weight), vocab,
+        acc=acc_dtype(e_s.dtype),
     )  # fmt: skip
     (out,) = fused_linear_loss(
         e_s, w_s, None, targets, loss, ignore_index=ignore_index, reduction=reduction,

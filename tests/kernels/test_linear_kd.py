@@ -115,9 +115,11 @@ def test_tolerance_rule_low_precision(name, dtype):
     torch_same = _run(*xd[:4], x64[-1], compute_dtype=dtype, **kw)
     got = _run(*xd[:4], x64[-1], **kw)
     assert got[0].dtype == torch.float32  # fused losses are returned in fp32
-    for g, t, r in zip(got, torch_same, ref, strict=True):
+    for i, (g, t, r) in enumerate(zip(got, torch_same, ref, strict=True)):
         err = (g.double() - r).abs().max()
         tol = 1e-5 * max(1.0, r.abs().max().item())  # BinaryKL sums V terms: loss ~ 1e3
+        if i and dtype != torch.float32:  # gradients come back rounded to the input dtype
+            tol += torch.finfo(dtype).eps * r.abs().max().item()
         assert err <= (t.double() - r).abs().max() + tol, (err, (t.double() - r).abs().max())
 
 
