@@ -12,6 +12,9 @@ axis is process CPU time) into ``bench.out``, rewritten after every case. ``benc
 (each rank 1/W of the head rows; gloo processes with the cores split between them on CPU, nccl
 with one GPU per rank on CUDA); its rows (per-rank peak memory and time, each world's memory over
 world 1's) go under "vocab_parallel" in results.json and a table of their own in results.md.
+``bench.bf16`` (optional; ``methods``, ``sweep``, ``rounds``): the same cases with bf16 e and c
+(issue 18), each row's time over the 6 N V D bound at the measured bf16 matmul rate, over the
+fastest bf16 peer's time and memory; under "bf16" in results.json, a table of its own.
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv 2411.09009.
 """
 
@@ -40,6 +43,8 @@ CPU_METHODS = [
 ]
 CUDA_METHODS = CPU_METHODS + ["cce_triton", "peer_cce", "liger"]
 MATERIALISED = {"torch_eager", "torch_lce", "peer_torch_compile"}
+BF16_METHODS = ["cce_chunked", "peer_torch_compile", "torch_eager"]  # torch_eager: fp32 CE
+BF16 = {"dtype": "bfloat16"}
 MAX_LOGITS_GB = 6.0  # materialising methods are skipped above 3 x N x V x 4 bytes
 MODULE = "projects.cce.bench"  # the harness's workers run ``python -m MODULE --worker ...``
 
@@ -75,15 +80,17 @@ def loss_fn(name: str):
 
 
 def build(case: dict):
-    """The harness's inputs for one case: e (n, d), c (v, d), targets (n,) -> (forward, [e, c]);
-    a vocabulary-parallel case gets this rank's rows of c (one process group per case)."""
+    """The harness's inputs for one case: e (n, d), c (v, d) in ``case["dtype"]`` (default fp32),
+    targets (n,) -> (forward, [e, c]); a vocabulary-parallel case gets this rank's rows of c (one
+    process group per case)."""
     dev = torch.device(case["device"])
     n, v, d = case["n"], case["v"], case["d"]
     if case["method"] == VOCAB_PARALLEL:
         return _build_vocab_parallel(n, v, d, dev)
     fn = loss_fn(case["method"])
-    e = (torch.randn(n, d, device=dev) / d**0.25).requires_grad_()
-    c = (torch.randn(v, d, device=dev) / d**0.25).requires_grad_()
+    dt = getattr(torch, case.get("dtype", "float32"))
+    e = (torch.randn(n, d, device=dev) / d**0.25).to(dt).requires_grad_()
+    c = (torch.randn(v, d, device=dev) / d**0.25).to(dt).requires_grad_()
     t = torch.randint(0, v, (n,), device=dev)
     return (lambda: fn(e, c, t)), [e, c]
 
@@ -124,14 +131,16 @@ def available(method: str, device: str) -> str | None:
     return None
 
 
-def sgemm_rate(n: int, v: int, d: int, device: str) -> tuple[float, float]:
-    """fp32 FLOP/s of the three GEMMs of a linear CE step on the full shapes: 6 N V D / time.
+def sgemm_rate(n: int, v: int, d: int, device: str, dtype=torch.float32) -> tuple[float, float]:
+    """FLOP/s of the three GEMMs of a linear CE step on the full shapes in ``dtype`` (default
+    fp32; bf16 for the bf16 rows' bound): 6 N V D / time.
 
     Returns (per wall-clock second, per process-CPU second); the second is robust to other
     processes sharing the cores.
     """
     dev = torch.device(device)
-    e, c = torch.randn(n, d, device=dev), torch.randn(v, d, device=dev)
+    e = torch.randn(n, d, device=dev, dtype=dtype)
+    c = torch.randn(v, d, device=dev, dtype=dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best, best_cpu = float("inf"), float("inf")
     for _ in range(3):
@@ -243,6 +252,76 @@ def vocab_parallel_markdown(rows: list[dict], meta: dict) -> str:
     )
 
 
+def bf16_rows(rows: list[dict], v: int) -> list[dict]:
+    """bf16 rows with, at each V, ours' time and peak over the fastest peer's (a peer: a
+    method that is not ``cce_*``) and, at the main V, the per-round ratios
+    (``harness.median_ratio``)."""
+    out, nan = [], float("nan")
+    for r in rows:
+        if "fwd_bwd_s" in r and r["method"].startswith("cce_"):
+            peers = [p for p in rows if p["v"] == r["v"] and "fwd_bwd_s" in p
+                     and not p["method"].startswith("cce_")]  # fmt: skip
+            if peers:
+                best = min(peers, key=lambda p: p["fwd_bwd_s"])
+                r = r | {"fastest_peer": best["method"],
+                         "time_vs_peer": r["fwd_bwd_s"] / best["fwd_bwd_s"],
+                         "mem_vs_peer": r["peak_mem_bytes"] / (best["peak_mem_bytes"] or nan)}  # fmt: skip
+            if r["v"] == v:
+                at_v = [p for p in rows if p["v"] == v]
+                r = r | {"rounds_vs_peer": harness.median_ratio(
+                    at_v, r["method"], lambda m: not m.startswith("cce_"))}  # fmt: skip
+        out.append(r)
+    return out
+
+
+def bf16_markdown(rows: list[dict], meta: dict) -> str:
+    """The bf16 table: time against the bf16 6NVD bound and the fastest peer, memory."""
+    b = meta["bf16"]
+    head = (
+        f"\nLinear cross-entropy with bf16 e and c (issue 18), N={meta['n']}, D={meta['d']}, "
+        f"loss in fp32; bf16 matmul rate {b['gemm_gflops']:.1f} GFLOP/s wall, "
+        f"{b['gemm_gflops_per_cpu_s']:.1f} per CPU-second (6NVD bound at V={meta['v']}: "
+        f"{b['bound_s']:.3f} s); at V={meta['v']} {b['rounds']} interleaved rounds, a row "
+        "shows its median round; x peer: over the fastest non-cce method at that V (time) and "
+        "its peak (memory).\n\n"
+        "| method | V | fwd+bwd s | x bf16 6NVD bound | CPU s | x CPU bound | peak MB above "
+        "inputs | x bf16 grad buffers | x peer time | x peer memory | fwd+bwd s per round |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    nan = float("nan")
+    for r in rows:
+        if "fwd_bwd_s" not in r:
+            why = r.get("error") or r.get("skipped")
+            lines.append(f"| {r['method']} | {r['v']} | {why} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['v']} | {r['fwd_bwd_s']:.3f} | {r['time_vs_bound']:.2f} | "
+            f"{r['fwd_bwd_cpu_s']:.3f} | {r['cpu_time_vs_bound']:.2f} | "
+            f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['peak_vs_grad_buffers']:.2f} | "
+            f"{r.get('time_vs_peer', nan):.2f} | {r.get('mem_vs_peer', nan):.2f} | "
+            + " / ".join(f"{x['fwd_bwd_s']:.3f}" for x in r.get("rounds", []))
+            + " |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def cases_at(methods, n: int, vv: int, d: int, device: str, meta: dict, threads, extra=None):
+    """(runnable cases, skipped rows) of ``methods`` at vocabulary ``vv``."""
+    cases, skipped = [], []
+    for m in methods:
+        case = {"method": m, "n": n, "v": vv, "d": d, "device": device,
+                "repeats": meta["repeats"], "threads": threads or 0} | (extra or {})  # fmt: skip
+        reason = available(m, device)
+        if reason is None and m in MATERIALISED and 3 * n * vv * 4 > MAX_LOGITS_GB * 2**30:
+            reason = f"skipped: 3 x N x V x 4 B > {MAX_LOGITS_GB} GB"
+        if reason:
+            skipped.append(case | {"skipped": reason})
+        else:
+            cases.append(case)
+    return cases, skipped
+
+
 def run(cfg: dict, device: str, threads: int | None = None) -> dict:
     """The whole sweep of a ``bench:`` params block (``threads``: torch threads per worker,
     default torch's); returns the document it wrote."""
@@ -254,10 +333,17 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
             "sgemm_gflops": rate / 1e9, "sgemm_gflops_per_cpu_s": cpu_rate / 1e9,
             "bound_s": 6 * n * v * d / rate, "grad_buffer_bytes": (n + v) * d * 4,
             "torch": torch.__version__}  # fmt: skip
+    bf16 = cfg.get("bf16") or {}
+    if bf16:
+        rate16, cpu_rate16 = sgemm_rate(n, v, d, device, torch.bfloat16)
+        meta["bf16"] = {"gemm_gflops": rate16 / 1e9, "gemm_gflops_per_cpu_s": cpu_rate16 / 1e9,
+                        "bound_s": 6 * n * v * d / rate16, "rounds": bf16.get("rounds", 1),
+                        "grad_buffer_bytes": (n + v) * d * 2}  # fmt: skip
     done: list[dict] = []
     scaling: list[dict] = []
+    half: list[dict] = []
 
-    def write(rows: list[dict], vp_rows: list[dict] | None = None) -> dict:
+    def write(rows: list[dict], vp_rows: list[dict] | None = None, half_rows=None) -> dict:
         rows = sorted(done + rows, key=lambda r: (r["v"] != v, r["v"]))  # the main V first
         doc = harness.document(meta, [_with_bounds(r, rate, cpu_rate) for r in rows])
         text = markdown(doc["rows"], meta)
@@ -265,6 +351,11 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
         if vp_rows:
             doc["vocab_parallel"] = vp_rows
             text += vocab_parallel_markdown(vp_rows, meta)
+        h_rows = sorted(half + (half_rows or []), key=lambda r: (r["v"] != v, r["v"]))
+        if h_rows:
+            h_rows = bf16_rows([_with_bounds(r, rate16, cpu_rate16) for r in h_rows], v)
+            doc["bf16"] = h_rows
+            text += bf16_markdown(h_rows, meta)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "results.json", doc)
         atomic_write_text(out / "results.md", text)
@@ -272,21 +363,18 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
         return doc
 
     for vv in sorted({int(x) for x in cfg.get("sweep", [])} | {v}):
-        cases = []
-        for m in methods:
-            case = {"method": m, "n": n, "v": vv, "d": d, "device": device,
-                    "repeats": meta["repeats"], "threads": threads or 0}  # fmt: skip
-            reason = available(m, device)
-            if reason is None and m in MATERIALISED and 3 * n * vv * 4 > MAX_LOGITS_GB * 2**30:
-                reason = f"skipped: 3 x N x V x 4 B > {MAX_LOGITS_GB} GB"
-            if reason:
-                done.append(case | {"skipped": reason})
-            else:
-                cases.append(case)
+        cases, skipped = cases_at(methods, n, vv, d, device, meta, threads)
+        done += skipped
         rounds = meta["rounds"] if vv == v else 1
         done += harness.sweep(MODULE, cases, rounds, on_update=write)
     if cfg.get("vocab_parallel"):
         scaling += vocab_parallel_sweep(cfg, device, threads, lambda r: write([], r))
+    for vv in sorted({int(x) for x in bf16.get("sweep", [])} | {v}) if bf16 else ():
+        methods16 = bf16.get("methods") or BF16_METHODS
+        cases, skipped = cases_at(methods16, n, vv, d, device, meta, threads, BF16)
+        half += skipped
+        rounds = int(bf16.get("rounds", 1)) if vv == v else 1
+        half += harness.sweep(MODULE, cases, rounds, on_update=lambda r: write([], None, r))
     return write([])
 
 

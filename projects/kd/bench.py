@@ -7,7 +7,11 @@ D, and on CUDA Liger's fused linear JSD beside ``js`` when liger-kernel is insta
 adds its time over the materialised one; ``rounds`` > 1 interleaves the methods.
 ``bench.vocab_parallel`` (optional; ``worlds``, ``divergences``): the fused loss with both heads
 split by vocabulary rows over W processes (``process_group``), per-rank peak memory and time
-against world 1, under "vocab_parallel" in results.json and a table of its own. Writes
+against world 1, under "vocab_parallel" in results.json and a table of its own.
+``bench.bf16`` (optional; ``divergences``, ``rounds``): both methods with bf16 hidden states and
+heads (issue 18; materialised: bf16 logits, the divergence in fp32), each row's time over the
+bf16 materialised one and the fused row's peak over its fp32 row's; under "bf16" in
+results.json, a table of its own. Writes
 ``results.json`` and ``results.md`` into ``bench.out``; the report stage puts the table into
 projects/kd/README.md. ``make bench PROJECT=kd`` runs this stage.
 """
@@ -35,6 +39,7 @@ def build(case: dict):
     dev = torch.device(case["device"])
     n, v, d, temp = case["n"], case["v"], case["d"], case["temperature"]
     kw = dict(divergence=case["divergence"], temperature=temp)
+    dt = getattr(torch, case.get("dtype", "float32"))
     if case["method"] == VOCAB_PARALLEL:  # one process group per case (the harness's)
         import torch.distributed as dist
 
@@ -47,10 +52,10 @@ def build(case: dict):
         w_s = torch.randn(rows, d, device=dev).requires_grad_()
         w_t = torch.randn(rows, d, device=dev)
     else:
-        e_s = (torch.randn(n, d, device=dev) / d**0.5).requires_grad_()
-        w_s = torch.randn(v, d, device=dev).requires_grad_()
-        e_t = torch.randn(n, d, device=dev) / d**0.5
-        w_t = torch.randn(v, d, device=dev)
+        e_s = (torch.randn(n, d, device=dev) / d**0.5).to(dt).requires_grad_()
+        w_s = torch.randn(v, d, device=dev).to(dt).requires_grad_()
+        e_t = (torch.randn(n, d, device=dev) / d**0.5).to(dt)
+        w_t = torch.randn(v, d, device=dev).to(dt)
     if case["method"] == "liger":
         from liger_kernel.transformers import LigerFusedLinearJSD  # GPU-only peer
 
@@ -58,6 +63,13 @@ def build(case: dict):
         return (lambda: jsd(e_s, w_s, e_t, w_t)), [e_s, w_s]
     from core.losses import linear_kd_loss
 
+    if case["method"] == "materialised" and dt != torch.float32:  # logits in dt, D in fp32
+        from core.losses.linear_kd import fused_divergence
+        from kernels.kd import reference_linear_kd
+
+        div = fused_divergence(kw.pop("divergence"))
+        ref = dict(temperature=temp, compute_dtype=dt)
+        return (lambda: reference_linear_kd(e_s, w_s, e_t, w_t, None, div, **ref)), [e_s, w_s]
     kw["impl"] = "reference" if case["method"] == "materialised" else "chunked"
     return (lambda: linear_kd_loss(e_s, w_s, e_t, w_t, **kw)), [e_s, w_s]
 
@@ -85,6 +97,43 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['peak_vs_grad_buffers']:.2f} | {r['first_call_peak_bytes'] / 2**20:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def bf16_markdown(rows: list[dict], meta: dict) -> str:
+    """The bf16 table: per divergence, time over the bf16 materialised row, peak over fp32's."""
+    head = (
+        f"\nFused linear KD loss with bf16 hidden states and heads (issue 18), N={meta['n']} "
+        f"V={meta['v']} D={meta['d']}, loss in fp32; materialised: bf16 logits, the divergence in "
+        "fp32; x fp32: the peak over the same method's fp32 row above.\n\n"
+        "| divergence | method | time s | x materialised | peak MB above inputs | x fp32 peak "
+        "| time s per round |\n|---|---|---:|---:|---:|---:|---|\n"
+    )
+    lines = []
+    nan = float("nan")
+    for r in rows:
+        if "fwd_bwd_s" not in r:
+            lines.append(f"| {r['divergence']} | {r['method']} | {r.get('error')} | | | | |")
+            continue
+        lines.append(
+            f"| {r['divergence']} | {r['method']} | {r['fwd_bwd_s']:.2f} "
+            f"| {r['time_vs_materialised']:.2f} | {r['peak_mem_bytes'] / 2**20:.0f} "
+            f"| {r.get('peak_vs_fp32', nan):.2f} | "
+            + " / ".join(f"{x['fwd_bwd_s']:.2f}" for x in r.get("rounds", []))
+            + " |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _versus_fp32(rows: list[dict], fp32: list[dict]) -> list[dict]:
+    """bf16 rows with their peak over the same (divergence, method) fp32 row's."""
+    base = {(r["divergence"], r["method"]): r["peak_mem_bytes"] for r in fp32 if "fwd_bwd_s" in r}
+    nan = float("nan")
+    return [
+        r | {"peak_vs_fp32": r["peak_mem_bytes"] / (base[(r["divergence"], r["method"])] or nan)}
+        if "fwd_bwd_s" in r and (r["divergence"], r["method"]) in base
+        else r
+        for r in rows
+    ]
 
 
 def _versus_materialised(rows: list[dict]) -> list[dict]:
@@ -116,10 +165,15 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
             print("liger-kernel not installed: skipping its fused linear JSD", file=sys.stderr)
     done: list[dict] = []
     scaling: list[dict] = []
+    half: list[dict] = []
 
-    def write(rows: list[dict], vp_rows: list[dict] | None = None) -> dict:
+    def write(rows: list[dict], vp_rows: list[dict] | None = None, half_rows=None) -> dict:
         doc = harness.document(meta, _versus_materialised(done + rows))
         text = markdown(doc["rows"], meta)
+        h_rows = half + (half_rows or [])
+        if h_rows:
+            doc["bf16"] = _versus_fp32(_versus_materialised(h_rows), doc["rows"])
+            text += bf16_markdown(doc["bf16"], meta)
         vp_rows = scaling if vp_rows is None else vp_rows
         if vp_rows:
             doc["vocab_parallel"] = vp_rows
@@ -143,6 +197,16 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
         done += harness.sweep(MODULE, cases, meta["rounds"], on_update=write)
     if cfg.get("vocab_parallel"):
         scaling += vocab_parallel_sweep(cfg, device, threads, lambda r: write([], r))
+    bf16 = cfg.get("bf16") or {}
+    for divergence in bf16.get("divergences", []):
+        cases = [
+            {"divergence": divergence, "method": m, "device": device, "threads": threads or 0,
+             "dtype": "bfloat16"} | {k: meta[k] for k in ("n", "v", "d", "temperature", "repeats")}
+            for m in METHODS
+        ]  # fmt: skip
+        half += harness.sweep(
+            MODULE, cases, int(bf16.get("rounds", 1)), on_update=lambda r: write([], None, r)
+        )
     return write([])
 
 
