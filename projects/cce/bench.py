@@ -326,7 +326,8 @@ def run(cfg: dict, device: str, threads: int | None = None) -> dict:
     """The whole sweep of a ``bench:`` params block (``threads``: torch threads per worker,
     default torch's); returns the document it wrote."""
     n, v, d, out = cfg["n"], cfg["v"], cfg["d"], Path(cfg["out"])
-    methods = cfg.get("methods") or (CUDA_METHODS if device == "cuda" else CPU_METHODS)
+    methods = cfg.get("methods")  # [] runs no fp32 rows (e.g. the bf16 rows alone)
+    methods = (CUDA_METHODS if device == "cuda" else CPU_METHODS) if methods is None else methods
     rate, cpu_rate = sgemm_rate(n, v, d, device)
     meta = {"n": n, "v": v, "d": d, "device": device, "repeats": cfg.get("repeats", 2),
             "rounds": cfg.get("rounds", 1), "threads": threads or torch.get_num_threads(),

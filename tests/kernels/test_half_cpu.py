@@ -118,9 +118,7 @@ def test_ce_native_tolerance_rule(native, dtype, reduction, return_lse, softcap,
     _assert_rule(names, got, same, want, dtype)
 
 
-@pytest.mark.parametrize("name", fused_divergence_names())
-def test_kd_native_tolerance_rule(native, name):
-    """Every fused divergence, bf16, T=2 with a hard-label term, ignored rows, several chunks."""
+def _kd_rule(name, dtype, reduction):
     g = torch.Generator().manual_seed(3)
     n, dt = 53, 11
     e_s, w_s = torch.randn(n, D, generator=g), 0.5 * torch.randn(V, D, generator=g)
@@ -128,25 +126,35 @@ def test_kd_native_tolerance_rule(native, name):
     y = torch.randint(0, V, (n,), generator=g)
     y[::7] = -100
     fused = fused_divergence(name)
-    kw = dict(temperature=2.0, hard_weight=0.2)
+    kw = dict(temperature=2.0, hard_weight=0.2, reduction=reduction)
+    row_w = torch.linspace(-1.0, 2.0, n, dtype=torch.float64)  # arbitrary grad_outputs
 
     def run(dtype, fn):
         es, ws = (x.to(dtype).requires_grad_() for x in (e_s, w_s))
         loss = fn(es, ws, e_t.to(dtype), w_t.to(dtype))
-        es_grad, ws_grad = torch.autograd.grad(loss, (es, ws))
+        obj = (loss.double() * row_w).sum() if reduction == "none" else loss
+        es_grad, ws_grad = torch.autograd.grad(obj, (es, ws))
         return [loss.double(), es_grad.double(), ws_grad.double()]
 
     ref = run(torch.float64, lambda *x: reference_linear_kd(*x, y, fused, **kw))
-    same = run(
-        torch.bfloat16,
-        lambda *x: reference_linear_kd(*x, y, fused, compute_dtype=torch.bfloat16, **kw),
-    )
-    got = run(
-        torch.bfloat16,
-        lambda *x: linear_kd_impl(*x, y, fused, chunk_size=CHUNK, **kw),
-    )
+    same = run(dtype, lambda *x: reference_linear_kd(*x, y, fused, compute_dtype=dtype, **kw))
+    got = run(dtype, lambda *x: linear_kd_impl(*x, y, fused, chunk_size=CHUNK, **kw))
     assert torch.isfinite(got[0]).all()
-    _assert_rule(["loss", "dE", "dC"], got, same, ref, torch.bfloat16)
+    _assert_rule(["loss", "dE", "dC"], got, same, ref, dtype)
+
+
+@pytest.mark.parametrize("name", fused_divergence_names())
+def test_kd_native_tolerance_rule(native, name):
+    """Every fused divergence, bf16, T=2 with a hard-label term, ignored rows, several chunks."""
+    _kd_rule(name, torch.bfloat16, "mean")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("name", ["forward_kl", "js", "akl"])
+def test_kd_native_reductions(native, name, reduction, dtype):
+    """Per-row losses (the backward recomputes the chunks, teacher included) and sums, fp16 too."""
+    _kd_rule(name, dtype, reduction)
 
 
 @pytest.mark.parametrize("dtype", HALF)
