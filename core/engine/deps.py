@@ -9,9 +9,9 @@ is; the test suite runs it over every pipeline.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -105,7 +105,14 @@ def missing_deps(dvc_yaml: str | Path, root: Path = REPO_ROOT) -> dict[str, list
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or [
+    """``python -m core.engine.deps [dvc.yaml ...]`` (default: every dvc.yaml of the repository);
+    prints each stage whose deps miss code it runs, exit status 1 if any."""
+    parser = argparse.ArgumentParser(
+        prog="python -m core.engine.deps",
+        description="Check that each DVC stage's deps cover its entry point's import graph.",
+    )
+    parser.add_argument("pipelines", nargs="*", help="dvc.yaml files (default: all)")
+    paths = parser.parse_args(argv).pipelines or [
         str(p.relative_to(REPO_ROOT))
         for p in sorted(REPO_ROOT.glob("**/dvc.yaml"))
         if ".venv" not in p.parts and ".dvc" not in p.parts
