@@ -124,6 +124,7 @@ def pick_chunk_size(
     n_buffers: int = 1,
     memory_target: float = MEMORY_TARGET,
     buffer_item: int | None = None,
+    reserved: int = 0,
 ) -> int:
     """Rows per chunk so that ``n_buffers`` (chunk, V) buffers fit the memory budget.
 
@@ -131,13 +132,14 @@ def pick_chunk_size(
     margin, so the peak above the inputs stays <= memory_target x the gradient buffers. A larger
     target buys longer GEMMs (more rows per chunk): speed for memory. ``buffer_item``: bytes
     per element of the chunk buffers (default the accumulation dtype's; 2 on the native half
-    path, whose fp32 sub-block buffers are small).
+    path); ``reserved``: bytes of other work buffers taken from the budget first (the native
+    path's fp32 sub-block and dC staging buffers).
     """
     if not memory_target > 1.0:
         raise ValueError(f"memory_target must be > 1 (x the gradient buffers), got {memory_target}")
     item = torch.finfo(acc_dtype(dtype)).bits // 8
     grad_bytes = (n + v) * d * item
-    budget = max((memory_target - 1) * grad_bytes - SAFETY_BYTES, MIN_CHUNK_BUDGET_BYTES)
+    budget = max((memory_target - 1) * grad_bytes - SAFETY_BYTES - reserved, MIN_CHUNK_BUDGET_BYTES)
     rows = int(budget // max(v * (buffer_item or item) * n_buffers, 1))
     rows = rows // 8 * 8 if rows >= 16 else max(rows, 1)
     return max(1, min(rows, n))
@@ -549,8 +551,9 @@ def fused_linear_loss(
         target = MEMORY_TARGET if memory_target is None else memory_target
         n, (v, d) = e.shape[0], c.shape
         v = v if loss.vocab is None else max(loss.vocab.sizes)
-        if loss.native:  # half (chunk, V) buffers; the fp32 ones are SUB_ROWS rows
-            chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_half_buffers, target, 2)
+        if loss.native:  # half (chunk, V) buffers, after the fp32 sub-block and dC staging ones
+            work = SUB_ROWS * v * 4 * loss.n_buffers + min(V_BLOCK, v) * d * 6
+            chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_half_buffers, target, 2, work)
         else:
             chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_buffers, target)
     return _FusedLinear.apply(e, c, bias, targets, ignore_index, loss, reduction, int(chunk_size))
