@@ -43,7 +43,7 @@ CPU_METHODS = [
 ]
 CUDA_METHODS = CPU_METHODS + ["cce_triton", "peer_cce", "liger"]
 MATERIALISED = {"torch_eager", "torch_lce", "peer_torch_compile"}
-BF16_METHODS = ["cce_chunked", "peer_torch_compile", "torch_eager"]  # torch_eager: fp32 CE
+BF16_METHODS = ["cce_chunked", "cce_chunked@2", "peer_torch_compile", "torch_eager"]
 BF16 = {"dtype": "bfloat16"}
 MAX_LOGITS_GB = 6.0  # materialising methods are skipped above 3 x N x V x 4 bytes
 MODULE = "projects.cce.bench"  # the harness's workers run ``python -m MODULE --worker ...``
