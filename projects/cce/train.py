@@ -187,6 +187,10 @@ def run(params: dict, loss_impl: str) -> dict[str, Any]:
     config = run_config({k: params[k] for k in IDENTITY_KEYS} | {"loss_impl": loss_impl})
     data = [Path(paths["data"]) / f"{split}.npy" for split in ("train", "val")]
     r = Run(Path(paths["runs"]) / loss_impl, config, data, name=f"cce-train-{loss_impl}")
+    if not (r.dir / "checkpoints" / "last.ckpt").exists():
+        # The weights are this stage's output too (kd distils from them): a committed record
+        # without them, as on a fresh clone, is not a finished run.
+        (res_dir / "run.json").unlink(missing_ok=True)
     record = cached_run(res_dir / "run.json", config, lambda: train(params, loss_impl, r), data)
     write_csv(res_dir / "train_loss.csv", record["history"]["train"])
     write_csv(res_dir / "val_loss.csv", record["history"]["val"])

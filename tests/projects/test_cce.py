@@ -243,6 +243,17 @@ def test_train_stage_identity(tmp_path, capsys):
     assert changed["identity"]["config"]["optim"]["lr"] == 0.003
 
 
+def test_a_record_without_its_weights_trains_again(tmp_path):
+    """A fresh clone has results/<impl>/run.json (git) but not runs/<impl>/ (a DVC output): the
+    stage must train and write the checkpoint kd distils from, not serve the record."""
+    args = ["--params", str(_tiny_params(tmp_path)), "--loss-impl", "torch"]
+    first = train.main(args)
+    shutil.rmtree(tmp_path / "runs" / "torch")
+    again = train.main(args)
+    assert not again["cached"] and again["final_val_loss"] == first["final_val_loss"]
+    assert (tmp_path / "runs" / "torch" / "checkpoints" / "last.ckpt").exists()
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
