@@ -273,6 +273,39 @@ class ChunkLoss:
             self.__dict__.pop(key, None)
 
 
+def _row_chunks(e: torch.Tensor, valid, n_valid: int, k_max: int):
+    """(start, rows, e_k) per chunk of the valid rows: rows a slice (all rows valid) or (k,)
+    indices into the N rows, e_k (k, D) their hidden states."""
+    for s in range(0, n_valid, k_max):
+        k = min(k_max, n_valid - s)
+        if valid is None:
+            rows = slice(s, s + k)
+            yield s, rows, e[rows]
+        else:
+            rows = valid[s : s + k]
+            yield s, rows, e.index_select(0, rows)
+
+
+def _de_buffers(e: torch.Tensor, valid, n_valid: int, chunk_size: int, wanted: bool):
+    """(dE (N, D), a (chunk, D) staging buffer when some rows are ignored) or (None, None);
+    ignored rows keep a zero gradient."""
+    if not wanted:
+        return None, None
+    if valid is None:
+        return e.new_empty(e.shape), None
+    return e.new_zeros(e.shape), e.new_empty(min(chunk_size, n_valid), e.shape[1])
+
+
+def _write_de(de: torch.Tensor, de_tmp, g: torch.Tensor, c: torch.Tensor, rows) -> None:
+    """dE[rows] = g (k, V) @ c (V, D), through the staging buffer for index rows."""
+    if de_tmp is None:
+        torch.mm(g, c, out=de[rows])
+    else:
+        k = g.shape[0]
+        torch.mm(g, c, out=de_tmp[:k])
+        de.index_copy_(0, rows, de_tmp[:k])
+
+
 def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, want, native=False):
     """One pass over the valid rows: per-row outputs (N,) each (0 on other rows) and, with
     ``weights`` (one (n_valid,) tensor or None per output), the gradients (dE, dC, dbias) of
@@ -282,11 +315,9 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
         return _sweep_half(e, c, bias, loss, valid, n_valid, chunk_size, weights, want)
     n, v = e.shape[0], c.shape[0]
     outs = [e.new_zeros(n) for _ in range(loss.n_outputs)]
-    de = dc = db = de_tmp = None
+    de, de_tmp = _de_buffers(e, valid, n_valid, chunk_size, weights is not None and want[0])
+    dc = db = None
     if weights is not None:
-        if want[0]:
-            de = e.new_empty(e.shape) if valid is None else e.new_zeros(e.shape)
-            de_tmp = None if valid is None else e.new_empty(min(chunk_size, n_valid), e.shape[1])
         if want[1]:
             dc = torch.empty_like(c) if n_valid else torch.zeros_like(c)
         if want[2] and bias is not None:
@@ -295,14 +326,8 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
     flat = e.new_empty(k_max * v)
     loss._head = (e, c, bias)
     try:
-        for s in range(0, n_valid, k_max):
-            k = min(k_max, n_valid - s)
-            if valid is None:
-                rows = slice(s, s + k)
-                ek = e[rows]  # (k, D)
-            else:
-                rows = valid[s : s + k]
-                ek = e.index_select(0, rows)
+        for s, rows, ek in _row_chunks(e, valid, n_valid, k_max):
+            k = ek.shape[0]
             z = chunk_logits(ek, c, bias, flat, loss.transposed)  # (k, V)
             wk = (
                 None
@@ -315,11 +340,7 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
             if wk is None:
                 continue
             if de is not None:
-                if valid is None:
-                    torch.mm(g, c, out=de[rows])
-                else:
-                    torch.mm(g, c, out=de_tmp[:k])
-                    de.index_copy_(0, rows, de_tmp[:k])
+                _write_de(de, de_tmp, g, c, rows)
             if dc is not None:
                 if s == 0:
                     torch.mm(g.T, ek, out=dc)  # the first chunk initialises dC: no zero-fill
@@ -378,11 +399,9 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
     n, v = e.shape[0], c.shape[0]
     f32 = torch.float32
     outs = [e.new_zeros(n, dtype=f32) for _ in range(loss.n_outputs)]
-    de = dc = db = de_tmp = None
+    de, de_tmp = _de_buffers(e, valid, n_valid, chunk_size, weights is not None and want[0])
+    dc = db = None
     if weights is not None:
-        if want[0]:
-            de = e.new_empty(e.shape) if valid is None else e.new_zeros(e.shape)
-            de_tmp = None if valid is None else e.new_empty(min(chunk_size, n_valid), e.shape[1])
         if want[1]:
             dc = _HalfGradC(c)
         if want[2] and bias is not None:
@@ -394,14 +413,8 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
     work = e.new_empty(sub * v, dtype=f32)
     loss._head = (e, c, b32)
     try:
-        for s in range(0, n_valid, k_max):
-            k = min(k_max, n_valid - s)
-            if valid is None:
-                rows = slice(s, s + k)
-                ek = e[rows]  # (k, D)
-            else:
-                rows = valid[s : s + k]
-                ek = e.index_select(0, rows)
+        for s, rows, ek in _row_chunks(e, valid, n_valid, k_max):
+            k = ek.shape[0]
             z16 = chunk_logits(ek, c, None, flat, False)  # (k, V), input dtype
             loss.begin_chunk(rows)
             for j in range(0, k, sub):
@@ -426,11 +439,7 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
             if weights is None:
                 continue
             if de is not None:
-                if valid is None:
-                    torch.mm(z16, c, out=de[rows])
-                else:
-                    torch.mm(z16, c, out=de_tmp[:k])
-                    de.index_copy_(0, rows, de_tmp[:k])
+                _write_de(de, de_tmp, z16, c, rows)
             if dc is not None:
                 dc.add(z16, ek)
     finally:
