@@ -274,6 +274,11 @@ def bf16_rows(rows: list[dict], v: int) -> list[dict]:
     return out
 
 
+def _ratio(row: dict, key: str) -> str:
+    """A ratio cell: two decimals, or a dash where the row has none (the peers' own rows)."""
+    return f"{row[key]:.2f}" if key in row else "—"
+
+
 def bf16_markdown(rows: list[dict], meta: dict) -> str:
     """The bf16 table: time against the bf16 6NVD bound and the fastest peer, memory."""
     b = meta["bf16"]
@@ -289,7 +294,6 @@ def bf16_markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    nan = float("nan")
     for r in rows:
         if "fwd_bwd_s" not in r:
             why = r.get("error") or r.get("skipped")
@@ -299,7 +303,7 @@ def bf16_markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['method']} | {r['v']} | {r['fwd_bwd_s']:.3f} | {r['time_vs_bound']:.2f} | "
             f"{r['fwd_bwd_cpu_s']:.3f} | {r['cpu_time_vs_bound']:.2f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['peak_vs_grad_buffers']:.2f} | "
-            f"{r.get('time_vs_peer', nan):.2f} | {r.get('mem_vs_peer', nan):.2f} | "
+            f"{_ratio(r, 'time_vs_peer')} | {_ratio(r, 'mem_vs_peer')} | "
             + " / ".join(f"{x['fwd_bwd_s']:.3f}" for x in r.get("rounds", []))
             + " |"
         )
