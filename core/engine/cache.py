@@ -9,7 +9,8 @@ Two uses, one rule (:class:`core.engine.identity.RunIdentity`):
   ``identity.json`` beside them holds, otherwise cleared so the run starts fresh.
 
 A killed stage keeps its finished runs; a rerun recomputes exactly the runs whose config, input
-data or imported code changed.
+data or imported code changed. Under a distributed strategy every rank trains and only global
+rank 0 writes or deletes (:func:`core.engine.dist.is_global_zero`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from core.engine.dist import is_global_zero
 from core.engine.identity import RunIdentity, code_digests
 from core.utils.io import atomic_write_json
 
@@ -64,7 +66,8 @@ def cached_run(
     identity sealed after it ran (so the code it imported is recorded).
 
     A fresh result gets ``wall_s`` and ``cpu_s`` (this process's CPU time, steadier than wall
-    time on a shared machine). The returned dict carries ``cached`` (True when reused).
+    time on a shared machine). The returned dict carries ``cached`` (True when reused). Every
+    rank of a distributed launch runs ``fn`` (it trains collectively); only rank 0 stores it.
     """
     data = list(data)
     stored = load_cached(path, config, data)
@@ -76,7 +79,8 @@ def cached_run(
     result["wall_s"] = round(time.perf_counter() - start, 2)
     result["cpu_s"] = round(time.process_time() - cpu, 2)
     record = {"identity": RunIdentity.seal(config, data, since).as_dict(), **result}
-    atomic_write_json(path, record)
+    if is_global_zero():
+        atomic_write_json(path, record)
     return record | {"cached": False}
 
 
@@ -91,13 +95,16 @@ def claim_run_dir(
 
     When ``run_dir/identity.json`` holds for (``config``, ``data``, the code it recorded),
     nothing changes. Otherwise the ``clear`` subdirectories (stale checkpoints, logs) are
-    removed, with a line saying why, so the run starts fresh.
+    removed, with a line saying why, so the run starts fresh. Ranks other than 0 only read:
+    rank 0 clears (every rank gets the same answer from the same files).
     """
     run_dir = Path(run_dir)
     identity, _ = _read_identity(run_dir / IDENTITY_FILE)
     reasons = ["no identity.json"] if identity is None else identity.changes(config, data)
     if not reasons:
         return True
+    if not is_global_zero():
+        return False
     stale = [run_dir / name for name in clear if (run_dir / name).exists()]
     if stale:
         print(f"{run_dir}: starting fresh ({'; '.join(reasons)})", flush=True)
@@ -114,7 +121,9 @@ def seal_run_dir(
     since: Mapping[str, str] | None = None,
 ) -> RunIdentity:
     """Write ``run_dir/identity.json`` for the checkpoints saved there now (code as imported;
-    ``since``: the code digests when the run started, see :meth:`RunIdentity.seal`)."""
+    ``since``: the code digests when the run started, see :meth:`RunIdentity.seal`); written on
+    global rank 0 only."""
     identity = RunIdentity.seal(config, data, since)
-    atomic_write_json(Path(run_dir) / IDENTITY_FILE, {"identity": identity.as_dict()})
+    if is_global_zero():
+        atomic_write_json(Path(run_dir) / IDENTITY_FILE, {"identity": identity.as_dict()})
     return identity

@@ -1,7 +1,9 @@
 """Run independent jobs (e.g. one training run per model variant) in worker processes.
 
 On a small CPU box, k single-threaded processes beat one process with k threads for the tiny
-models of the default params: the matmuls are too small to split well across threads.
+models of the default params: the matmuls are too small to split well across threads. Inside
+one rank of a distributed launch (torchrun, srun, Lightning's launcher) the jobs run in this
+process, in order: a pool inside a rank would relaunch the strategy (:mod:`core.engine.dist`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 import torch
+
+from core.engine.dist import launched_world_size
 
 __all__ = ["imap_processes", "map_processes"]
 
@@ -33,12 +37,13 @@ def map_processes(
     """``[fn(item, *args) for item in items]``, in up to ``workers`` spawned processes.
 
     ``fn`` must be a module-level function (it is pickled). ``workers <= 1`` (or a single
-    item) runs in this process, in order. Each worker sets ``torch.set_num_threads(threads)``.
-    Results come back in the order of ``items``; the first exception is re-raised.
+    item, or one rank of several) runs in this process, in order. Each worker sets
+    ``torch.set_num_threads(threads)``. Results come back in the order of ``items``; the first
+    exception is re-raised.
     """
     if workers < 1 or threads < 1:
         raise ValueError(f"workers and threads must be >= 1, got {workers} and {threads}")
-    if workers == 1 or len(items) <= 1:
+    if workers == 1 or len(items) <= 1 or launched_world_size() > 1:
         return [_call(fn, threads, item, args) for item in items]
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx) as pool:
@@ -73,9 +78,10 @@ def imap_processes(
     """Yield ``fn(item, state)`` for each item as it finishes, in ``workers`` spawned processes.
 
     ``state = init(*init_args)`` is built once per process (data, teacher logits); ``fn`` and
-    ``init`` must be module-level functions. ``workers <= 1`` runs here, in order.
+    ``init`` must be module-level functions. ``workers <= 1`` (or one rank of several) runs
+    here, in order.
     """
-    if workers <= 1 or len(items) <= 1:
+    if workers <= 1 or len(items) <= 1 or launched_world_size() > 1:
         previous = torch.get_num_threads()
         _init_worker(threads, init, init_args)
         try:
