@@ -116,6 +116,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def chunk_budget(
+    n: int, v: int, d: int, dtype: torch.dtype, memory_target: float = MEMORY_TARGET
+) -> float:
+    """Bytes the chunk's work buffers may take: (memory_target - 1) x the gradient buffers
+    ((N + V) x D accumulators) minus a small margin, at least MIN_CHUNK_BUDGET_BYTES, so the
+    peak above the inputs stays <= memory_target x the gradient buffers."""
+    if not memory_target > 1.0:
+        raise ValueError(f"memory_target must be > 1 (x the gradient buffers), got {memory_target}")
+    grad_bytes = (n + v) * d * (torch.finfo(acc_dtype(dtype)).bits // 8)
+    return max((memory_target - 1) * grad_bytes - SAFETY_BYTES, MIN_CHUNK_BUDGET_BYTES)
+
+
 def pick_chunk_size(
     n: int,
     v: int,
@@ -126,23 +138,36 @@ def pick_chunk_size(
     buffer_item: int | None = None,
     reserved: int = 0,
 ) -> int:
-    """Rows per chunk so that ``n_buffers`` (chunk, V) buffers fit the memory budget.
+    """Rows per chunk so that ``n_buffers`` (chunk, V) buffers fit ``chunk_budget``.
 
-    Budget: (memory_target - 1) x the gradient buffers ((N + V) x D accumulators) minus a small
-    margin, so the peak above the inputs stays <= memory_target x the gradient buffers. A larger
-    target buys longer GEMMs (more rows per chunk): speed for memory. ``buffer_item``: bytes
-    per element of the chunk buffers (default the accumulation dtype's; 2 on the native half
-    path); ``reserved``: bytes of other work buffers taken from the budget first (the native
-    path's fp32 sub-block and dC staging buffers).
+    A larger target buys longer GEMMs (more rows per chunk): speed for memory. ``buffer_item``:
+    bytes per element of the chunk buffers (default the accumulation dtype's; 2 on the native
+    half path); ``reserved``: bytes of other work buffers taken from the budget first (the
+    native path's fp32 sub-block and dC staging buffers, ``half_work``).
     """
-    if not memory_target > 1.0:
-        raise ValueError(f"memory_target must be > 1 (x the gradient buffers), got {memory_target}")
-    item = torch.finfo(acc_dtype(dtype)).bits // 8
-    grad_bytes = (n + v) * d * item
-    budget = max((memory_target - 1) * grad_bytes - SAFETY_BYTES - reserved, MIN_CHUNK_BUDGET_BYTES)
-    rows = int(budget // max(v * (buffer_item or item) * n_buffers, 1))
+    budget = chunk_budget(n, v, d, dtype, memory_target) - reserved
+    item = buffer_item or torch.finfo(acc_dtype(dtype)).bits // 8
+    rows = int(budget // max(v * item * n_buffers, 1))
     rows = rows // 8 * 8 if rows >= 16 else max(rows, 1)
     return max(1, min(rows, n))
+
+
+def half_work(v: int, d: int, n_buffers: int, budget: float) -> tuple[int, int, int]:
+    """(sub_rows, v_block, bytes) of the native half path's fp32 work buffers: ``n_buffers``
+    (sub_rows, V) sub-block buffers and a (v_block, D) dC staging block (half + fp32), as
+    large as SUB_ROWS / V_BLOCK allow within half of ``budget`` (``chunk_budget``), so the
+    chunk's half buffers keep the other half and the peak stays inside the fp32 path's budget
+    even for divergences with many buffers (V_BLOCK shrinks to 1024 first, then the sub-block)."""
+
+    def cost(sub: int, vb: int) -> int:
+        return sub * v * 4 * n_buffers + min(vb, v) * d * 6
+
+    sub, vb = SUB_ROWS, V_BLOCK
+    while vb > 1024 and cost(sub, vb) > budget / 2:
+        vb //= 2
+    while sub > 1 and cost(sub, vb) > budget / 2:
+        sub //= 2
+    return sub, vb, cost(sub, vb)
 
 
 def check_options(
@@ -224,6 +249,8 @@ class ChunkLoss:
     vocab = None  # a kernels.vocab_parallel.VocabShard when c is this rank's vocabulary shard
     native = False  # set by the core: True on the native half path (inputs kept in fp16/bf16)
     n_half_buffers: int = 1  # native half path: (chunk, V) input-dtype buffers (logits included)
+    sub_rows: int = SUB_ROWS  # native half path: rows per fp32 sub-block (set by half_work)
+    v_block: int = V_BLOCK  # native half path: vocabulary rows per dC staging block
 
     def chunk(self, z: torch.Tensor, rows: slice | torch.Tensor, w: tuple | None):
         """Per-row outputs of one chunk and, given output weights, the gradient w.r.t. z.
@@ -354,16 +381,16 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
 
 
 class _HalfGradC:
-    """dC (V, D) of the native half path: each chunk's bf16/fp16 GEMM g^T e_k, V_BLOCK
+    """dC (V, D) of the native half path: each chunk's bf16/fp16 GEMM g^T e_k, ``v_block``
     vocabulary rows at a time, added into fp32 blocks (allocated at the first chunk); rounded
     to the input dtype once, by ``result``."""
 
-    def __init__(self, c: torch.Tensor) -> None:
+    def __init__(self, c: torch.Tensor, v_block: int = V_BLOCK) -> None:
         v, d = c.shape
         self.like = c
-        self.blocks = [(lo, min(lo + V_BLOCK, v)) for lo in range(0, v, V_BLOCK)]
+        self.blocks = [(lo, min(lo + v_block, v)) for lo in range(0, v, v_block)]
         self.acc: list = [None] * len(self.blocks)
-        vb = min(V_BLOCK, v)
+        vb = min(v_block, v)
         self.part = c.new_empty(vb, d)  # the GEMM's half output
         self.stage = c.new_empty(vb, d, dtype=torch.float32)  # its fp32 copy: same-dtype add_
 
@@ -391,7 +418,7 @@ class _HalfGradC:
 
 def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, want):
     """``_sweep`` for fp16/bf16 e, c kept in their dtype (no fp32 copies): per chunk one half
-    GEMM into a (k, V) half buffer; ``SUB_ROWS`` rows at a time are copied into an fp32 (s, V)
+    GEMM into a (k, V) half buffer; ``loss.sub_rows`` rows at a time are copied into an fp32 (s, V)
     work buffer (cache-sized), go through ``loss.chunk`` in fp32 (with the bias added in fp32)
     and their logit gradient is rounded once back into the half buffer; then dE = g c (half
     GEMM, fp32 accumulation inside), dC += g^T e_k into fp32 blocks (``_HalfGradC``), dbias
@@ -403,12 +430,12 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
     dc = db = None
     if weights is not None:
         if want[1]:
-            dc = _HalfGradC(c)
+            dc = _HalfGradC(c, loss.v_block)
         if want[2] and bias is not None:
             db = bias.new_zeros(v, dtype=f32)
     b32 = None if bias is None else bias.to(f32)
     k_max = max(1, min(chunk_size, n_valid))
-    sub = min(SUB_ROWS, k_max)
+    sub = min(loss.sub_rows, k_max)
     flat = e.new_empty(k_max * v)
     work = e.new_empty(sub * v, dtype=f32)
     loss._head = (e, c, b32)
@@ -561,7 +588,8 @@ def fused_linear_loss(
         n, (v, d) = e.shape[0], c.shape
         v = v if loss.vocab is None else max(loss.vocab.sizes)
         if loss.native:  # half (chunk, V) buffers, after the fp32 sub-block and dC staging ones
-            work = SUB_ROWS * v * 4 * loss.n_buffers + min(V_BLOCK, v) * d * 6
+            budget = chunk_budget(n, v, d, e.dtype, target)
+            loss.sub_rows, loss.v_block, work = half_work(v, d, loss.n_buffers, budget)
             chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_half_buffers, target, 2, work)
         else:
             chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_buffers, target)

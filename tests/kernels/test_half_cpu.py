@@ -244,3 +244,54 @@ def test_native_chunk_size_counts_half_buffers():
     rows32 = chunking.pick_chunk_size(4096, 65536, 512, torch.bfloat16)
     rows16 = chunking.pick_chunk_size(4096, 65536, 512, torch.bfloat16, buffer_item=2)
     assert rows16 == 2 * rows32
+
+
+@pytest.mark.parametrize("n_buffers", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("v", [1031, 32768, 65536])
+def test_native_work_buffers_stay_inside_the_fp32_budget(n_buffers, v):
+    """The fp32 sub-block and dC staging buffers plus the chunk's half buffers never exceed the
+    budget the fp32 path sizes its chunks by, for divergences with many (s, V) buffers too
+    (KD's JS and AKL): the sub-blocks and dC blocks shrink instead of the budget growing."""
+    n, d = 4096, 512
+    budget = chunking.chunk_budget(n, v, d, torch.bfloat16)
+    sub, v_block, work = chunking.half_work(v, d, n_buffers, budget)
+    assert work == sub * v * 4 * n_buffers + min(v_block, v) * d * 6
+    assert 1 <= sub <= chunking.SUB_ROWS and 1024 <= v_block <= chunking.V_BLOCK
+    assert work <= budget / 2 or sub == 1
+    rows = chunking.pick_chunk_size(n, v, d, torch.bfloat16, 2, buffer_item=2, reserved=work)
+    assert work + rows * v * 2 * 2 <= budget or rows == 1
+    if n_buffers == 1:  # CE at the main shape keeps the full sub-blocks and dC blocks
+        assert (sub, v_block) == (chunking.SUB_ROWS, chunking.V_BLOCK) or v < 65536
+
+
+def test_native_kd_sweep_uses_the_planned_sub_blocks(monkeypatch):
+    """A many-buffer divergence on the native path runs with the sub-block rows half_work chose
+    (not the SUB_ROWS default): the plan is applied, not just computed."""
+    monkeypatch.setenv(chunking.HALF_PATH_ENV, "native")
+    seen = []
+
+    class Spy(chunking._HalfGradC):
+        def __init__(self, c, v_block=chunking.V_BLOCK):
+            seen.append(v_block)
+            super().__init__(c, v_block)
+
+    monkeypatch.setattr(chunking, "_HalfGradC", Spy)
+    n, v, d = 64, 65536, 16
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
+    c = (torch.randn(v, d, generator=g) * 0.1).bfloat16().requires_grad_()
+    loss = chunking.ChunkLoss()
+    loss.n_buffers = 8
+    budget = chunking.chunk_budget(n, v, d, torch.bfloat16)
+    sub, v_block, _ = chunking.half_work(v, d, 8, budget)
+    assert sub < chunking.SUB_ROWS  # the shape is chosen so that the plan shrinks
+    subs = []
+
+    def chunk(z, rows, w):
+        subs.append(z.shape[0])
+        return (z.logsumexp(1),), (None if w is None else torch.softmax(z, 1))
+
+    loss.chunk = chunk
+    out = chunking.fused_linear_loss(e, c, None, None, loss)[0]
+    out.backward()
+    assert max(subs) == sub and seen == [v_block]
