@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from core.data.tokens import load_token_ids
+from core.engine.dist import global_rank
 
 
 class TokenWindows(Dataset):
@@ -43,15 +44,49 @@ class TokenWindows(Dataset):
 
 
 def make_loaders(
-    data_dir: str | Path, block_size: int, train_cfg: dict, max_steps: int, seed: int
+    data_dir: str | Path,
+    block_size: int,
+    train_cfg: dict,
+    max_steps: int,
+    seed: int,
+    world: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train loader with exactly ``max_steps`` batches (one epoch, fixed order) and a val loader."""
+    """Train loader with exactly ``max_steps`` batches (one epoch, fixed order) and a val loader.
+
+    ``train.batch_size`` is the global batch: over ``world`` ranks each loads
+    ``batch_size / world`` windows per step through a DistributedSampler without shuffling
+    (rank r takes windows r, r + world, ...; Lightning would otherwise inject a shuffling one
+    for training), so the union of the ranks' step-k batches is the 1-process step-k batch.
+    ``val_windows`` must split evenly over the ranks, so the mean of the per-rank means that
+    ``sync_dist`` logs is the mean over all windows (no padded repeats).
+    """
     bs = train_cfg["batch_size"]
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    if bs % world or train_cfg["val_windows"] % world:
+        raise ValueError(
+            f"train.batch_size ({bs}) and train.val_windows ({train_cfg['val_windows']}) must "
+            f"be multiples of the {world} training processes (trainer.devices x num_nodes)"
+        )
     train = TokenWindows(load_token_ids(data_dir, "train"), block_size, max_steps * bs, seed)
     val = TokenWindows(
         load_token_ids(data_dir, "val"), block_size, train_cfg["val_windows"], seed + 1
     )
+    if world == 1:
+        return (
+            DataLoader(train, batch_size=bs, shuffle=False),
+            DataLoader(val, batch_size=train_cfg["val_batch_size"], shuffle=False),
+        )
+    rank = global_rank()  # from the launcher's environment: loaders are built before fit
     return (
-        DataLoader(train, batch_size=bs, shuffle=False),
-        DataLoader(val, batch_size=train_cfg["val_batch_size"], shuffle=False),
+        DataLoader(
+            train,
+            batch_size=bs // world,
+            sampler=DistributedSampler(train, num_replicas=world, rank=rank, shuffle=False),
+        ),
+        DataLoader(
+            val,
+            batch_size=train_cfg["val_batch_size"],
+            sampler=DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False),
+        ),
     )

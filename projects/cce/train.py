@@ -27,9 +27,10 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import is_global_zero, launched_world_size, processes
 from core.engine.identity import run_config
 from core.engine.trainer import Run, fit, seed_everything
-from core.models.gpt import GPT, GPTConfig
+from core.models.gpt import GPT, Block, GPTConfig
 from core.optim import adamw_warmup_cosine
 from core.utils.io import atomic_open
 from projects.cce import DEFAULT_PARAMS, LOSS_IMPLS
@@ -69,12 +70,16 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.loss(*batch)
         self.flops_per_batch = batch[0].numel() * self.flops_per_token  # ThroughputMonitor
-        self.history["train"].append((self.global_step, loss.item()))
-        self.log("train/loss", loss, prog_bar=True)
+        # the global batch's loss: ranks hold equal token counts, so the mean of their means
+        # (a no-op on one process)
+        value = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        self.history["train"].append((self.global_step, value.item()))
+        self.log("train/loss", value, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self.loss(*batch), prog_bar=True)
+        # equal val shards per rank (make_loaders): the synced mean is the all-windows mean
+        self.log("val/loss", self.loss(*batch), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
@@ -83,9 +88,37 @@ class LMModule(L.LightningModule):
             )
 
     def configure_optimizers(self):
-        """AdamW (no decay on biases, norms, embeddings), linear warm-up then cosine decay."""
-        opt, sched = adamw_warmup_cosine(self, self.optim_cfg, self.trainer.max_steps)
+        """AdamW (no decay on biases, norms, embeddings), linear warm-up then cosine decay.
+
+        Under FSDP the parameters are flat 1-D shards here; the groups are chosen with the
+        full (original-shape) views summoned, over the same parameter objects.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = self.trainer.model
+        if isinstance(model, FSDP):
+            with FSDP.summon_full_params(model, writeback=False):
+                opt, sched = adamw_warmup_cosine(self, self.optim_cfg, self.trainer.max_steps)
+        else:
+            opt, sched = adamw_warmup_cosine(self, self.optim_cfg, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip by the global norm; under FSDP through the root's ``clip_grad_norm_`` (the norm
+        over every shard), which Lightning's FSDP precision plugin refuses to do itself."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = self.trainer.model
+        if (
+            gradient_clip_val
+            and isinstance(model, FSDP)
+            and gradient_clip_algorithm in (None, "norm")
+        ):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = self.history
@@ -133,17 +166,44 @@ def write_csv(path: Path, rows: list[tuple[int, float]]) -> None:
         w.writerows((s, f"{v:.6f}") for s, v in rows)
 
 
+def world_size(trainer_cfg: dict) -> int:
+    """Training processes of ``trainer_cfg``: devices x num_nodes, or the launcher's count
+    (torchrun, srun) when ``devices`` is left to Lightning."""
+    n = processes(trainer_cfg)
+    return n if n is not None else launched_world_size()
+
+
+def strategy(trainer_cfg: dict) -> Any:
+    """The Lightning strategy of ``trainer_cfg``: ``fsdp`` is FSDPStrategy sharding each
+    transformer :class:`Block` as a unit (the embeddings, tied head and final norm form the
+    root unit, gathered for the whole training step, so the fused loss reads the full head
+    weight), original parameters kept (``use_orig_params``: named, tied and grouped as
+    without FSDP), no activation checkpointing; anything else goes to the engine unchanged.
+    GPUs only: Lightning refuses FSDP with ``accelerator: cpu`` and torch's FSDP needs an
+    accelerator device."""
+    name = trainer_cfg.get("strategy", "auto")
+    if name != "fsdp":
+        return name
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(
+        auto_wrap_policy={Block}, activation_checkpointing_policy=None, use_orig_params=True
+    )
+
+
 def train(params: dict, loss_impl: str, run: Run) -> dict[str, Any]:
     """Train (or resume) ``run`` with ``loss_impl``; returns its figures and loss history."""
     seed_everything(params["seed"])
     paths, tcfg = params["paths"], params["trainer"]
     module = LMModule(params["model"], params["optim"], loss_impl)
+    n_params = module.model.num_params()  # before FSDP shards the parameters
     train_dl, val_dl = make_loaders(
         paths["data"],
         params["model"]["block_size"],
         params["train"],
         tcfg["max_steps"],
         params["seed"],
+        world_size(tcfg),
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -155,6 +215,7 @@ def train(params: dict, loss_impl: str, run: Run) -> dict[str, Any]:
         callbacks=[throughput_monitor(*steps)],
         train_dataloaders=train_dl,
         val_dataloaders=val_dl,
+        strategy=strategy(tcfg),
     )
     tokens_per_s = trainer.logged_metrics.get(TOKENS_PER_S)  # absent when a resume was short
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
@@ -170,7 +231,7 @@ def train(params: dict, loss_impl: str, run: Run) -> dict[str, Any]:
         "tokens_per_s_steps": None if tokens_per_s is None else list(steps),
         "peak_memory_mb": mem_mb,
         "peak_memory_kind": mem_kind,
-        "n_params": module.model.num_params(),
+        "n_params": n_params,
         "device": str(trainer.strategy.root_device),
         "torch_threads": torch.get_num_threads(),
         "history": module.history,
@@ -187,13 +248,14 @@ def run(params: dict, loss_impl: str) -> dict[str, Any]:
     config = run_config({k: params[k] for k in IDENTITY_KEYS} | {"loss_impl": loss_impl})
     data = [Path(paths["data"]) / f"{split}.npy" for split in ("train", "val")]
     r = Run(Path(paths["runs"]) / loss_impl, config, data, name=f"cce-train-{loss_impl}")
-    if not (r.dir / "checkpoints" / "last.ckpt").exists():
+    if not (r.dir / "checkpoints" / "last.ckpt").exists() and is_global_zero():
         # The weights are this stage's output too (kd distils from them): a committed record
         # without them, as on a fresh clone, is not a finished run.
         (res_dir / "run.json").unlink(missing_ok=True)
     record = cached_run(res_dir / "run.json", config, lambda: train(params, loss_impl, r), data)
-    write_csv(res_dir / "train_loss.csv", record["history"]["train"])
-    write_csv(res_dir / "val_loss.csv", record["history"]["val"])
+    if is_global_zero():  # every rank trains; one writes
+        write_csv(res_dir / "train_loss.csv", record["history"]["train"])
+        write_csv(res_dir / "val_loss.csv", record["history"]["val"])
     return record
 
 
