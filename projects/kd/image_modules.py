@@ -147,7 +147,7 @@ class OfflineKD(L.LightningModule):
         logits = self(x)
         self.val_accuracy.update(logits, y)
         self.log("val/accuracy", self.val_accuracy, on_epoch=True)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
 
     def predict_step(self, batch: tuple[Tensor, ...], _: int) -> Tensor:
         return self(batch[0])

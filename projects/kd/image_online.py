@@ -17,6 +17,7 @@ from typing import Any
 
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import seed_everything
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         todo,
         init=_init,
         init_args=(params, args.fmnist_root),
-        workers=mach.workers,
+        workers=check_pool(mach.workers, params["trainer"], "kd-image-online trainer"),
         threads=mach.threads,
     ):
         m, t = r["metrics"], r["teacher_metrics"]
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     saved = [{k: v for k, v in r.items() if k != "cached"} for r in runs]
-    atomic_write_json(Path(cfg["paths"]["results"]) / "online.json", result | {"runs": saved})
+    if is_global_zero():  # every rank trained each run; one writes
+        atomic_write_json(Path(cfg["paths"]["results"]) / "online.json", result | {"runs": saved})
     print(f"kd-image-online: {result['wall_s']} s", flush=True)
     return result
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import is_global_zero
 from core.engine.identity import run_config
 from core.engine.trainer import Run, fit, seed_everything
 from core.utils.io import atomic_save_torch, atomic_write_json
@@ -79,15 +80,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_logits = torch.cat(trainer.predict(module, eval_loader([data["x_test"]])))  # (Nt, C)
     test = eval_loader([data["x_test"], data["y_test"], test_logits.argmax(-1)])
     trainer.test(module, test, verbose=False)
-    atomic_save_torch(
-        {
-            "state_dict": net.state_dict(),
-            "train_logits": train_logits.cpu(),
-            "test_logits": test_logits.cpu(),
-            "data": cfg["data"],  # the subsets these logits belong to
-        },
-        out / "teacher.pt",
-    )
+    if is_global_zero():  # every rank trained and predicted; one writes
+        atomic_save_torch(
+            {
+                "state_dict": net.state_dict(),
+                "train_logits": train_logits.cpu(),
+                "test_logits": test_logits.cpu(),
+                "data": cfg["data"],  # the subsets these logits belong to
+            },
+            out / "teacher.pt",
+        )
     result = {
         "net": cfg["teacher"],
         "n_params": n_params(net),
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - start, 1),
         "cpu_s": round(time.process_time() - cpu, 1),
     }
-    atomic_write_json(Path(cfg["paths"]["results"]) / "teacher.json", result)
+    if is_global_zero():
+        atomic_write_json(Path(cfg["paths"]["results"]) / "teacher.json", result)
     m = result["metrics"]
     print(
         f"teacher {result['n_params']} params: test acc {m['accuracy']:.4f} ece {m['ece']:.4f} "

@@ -23,6 +23,7 @@ import torch
 from core.data.tokens import load_token_ids
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_trainer, seed_everything
@@ -172,7 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress = RunProgress(len(todo), "kd-lm-train")
     runs = []
     for r in imap_processes(
-        run_job, todo, init=_init, init_args=(params,), workers=mach.workers, threads=mach.threads
+        run_job,
+        todo,
+        init=_init,
+        init_args=(params,),
+        workers=check_pool(mach.workers, params["trainer"], "kd-lm-train trainer"),
+        threads=mach.threads,
     ):
         progress.update(
             f"{r['run']} seed {r['seed']}",
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.items() if k != "cached"} for r in runs],
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    atomic_write_json(Path(lm["paths"]["results"]) / "summary.json", summary)
+    if is_global_zero():  # every rank trained each run; one writes
+        atomic_write_json(Path(lm["paths"]["results"]) / "summary.json", summary)
     print(f"kd-lm-train: teacher val ppl {summary['teacher']['val_ppl']:.2f}", flush=True)
     return summary | {"runs": runs}
 
