@@ -23,7 +23,7 @@ import torch
 from core.data.tokens import load_token_ids
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
-from core.engine.dist import check_pool, is_global_zero
+from core.engine.dist import check_pool, is_global_zero, launched_world_size, processes
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_trainer, seed_everything
@@ -40,7 +40,13 @@ from projects.kd.lm_modules import (
 )
 
 
-def check_train(train: dict[str, Any]) -> None:
+def world_size(trainer_cfg: dict[str, Any]) -> int:
+    """Training processes: devices x num_nodes, or the launcher's count when Lightning picks."""
+    n = processes(trainer_cfg)
+    return n if n is not None else launched_world_size()
+
+
+def check_train(train: dict[str, Any], world: int = 1) -> None:
     """Validate ``lm.train``: positive sizes, validation points that end on the last step."""
     for key in ("steps", "batch_size", "val_windows", "val_every"):
         if not isinstance(train.get(key), int) or train[key] < 1:
@@ -49,6 +55,11 @@ def check_train(train: dict[str, Any]) -> None:
         raise ValueError(
             f"lm.train.steps ({train['steps']}) must be a multiple of lm.train.val_every "
             f"({train['val_every']}) so the last validation is at the last step"
+        )
+    if train["batch_size"] % world:
+        raise ValueError(
+            f"lm.train.batch_size ({train['batch_size']}) must be a multiple of the {world} "
+            "training processes (trainer.devices x num_nodes): ranks split each batch evenly"
         )
 
 
@@ -121,7 +132,8 @@ def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
             gradient_clip_val=tr["grad_clip"],
             num_sanity_val_steps=0,
         )
-        trainer.fit(module, batch_loader(batches), batch_loader(state["val"]))
+        world = world_size(params["trainer"])
+        trainer.fit(module, batch_loader(batches, world), batch_loader(state["val"], world))
         kw, hparams = split_run(run)
         val_loss = module.curve[-1][1]
         return {
@@ -148,7 +160,8 @@ def score_teacher(params: dict[str, Any]) -> dict[str, Any]:
     trainer = build_trainer(
         params["trainer"], Path(lm["paths"]["results"]), logger=False, checkpoint=False
     )
-    trainer.validate(module, batch_loader(val_batches(lm, teacher.cfg.block_size)), verbose=False)
+    val = batch_loader(val_batches(lm, teacher.cfg.block_size), world_size(params["trainer"]))
+    trainer.validate(module, val, verbose=False)
     val_loss = module.curve[-1][1]
     return {
         "val_loss": val_loss,
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--run", action="append", help="only these runs (default: all of lm.runs)")
     args, params, mach = parse_entry(parser, argv)
     lm = params["lm"]
-    check_train(lm["train"])
+    check_train(lm["train"], world_size(params["trainer"]))
     unknown = sorted(set(args.run or []) - set(lm["runs"]))
     if unknown:
         parser.error(f"unknown LM runs {unknown}; params lm.runs has {sorted(lm['runs'])}")
