@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 __all__ = [
     "check_pool",
@@ -41,11 +40,19 @@ def _env_int(name: str) -> int | None:
         return None
 
 
+def _group() -> Any:
+    """``torch.distributed`` when a process group is initialised, else None (torch is not
+    imported here: report and data stages that use the cache stay light)."""
+    torch = sys.modules.get("torch")
+    td = getattr(torch, "distributed", None)
+    return td if td is not None and td.is_available() and td.is_initialized() else None
+
+
 def launched_world_size() -> int:
     """Processes this one belongs to: the initialised process group's size, else WORLD_SIZE /
     SLURM_NTASKS from a launcher, else 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
+    if (td := _group()) is not None:
+        return td.get_world_size()
     for name in ("WORLD_SIZE", "SLURM_NTASKS"):
         value = _env_int(name)
         if value:
@@ -55,8 +62,8 @@ def launched_world_size() -> int:
 
 def global_rank() -> int:
     """This process's global rank (0 outside any distributed launch)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
+    if (td := _group()) is not None:
+        return td.get_rank()
     rank = _env_int("RANK")
     if rank is None and launched_world_size() > 1:
         rank = _env_int("SLURM_PROCID")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from core.engine.dist import is_global_zero
+
 __all__ = ["RunProgress", "format_seconds"]
 
 
@@ -39,7 +41,8 @@ class RunProgress:
         return elapsed / self.computed * (self.total - self.done)
 
     def update(self, name: str, detail: str = "", *, cached: bool = False) -> str:
-        """Record one finished run and print (and return) its line."""
+        """Record one finished run and print (and return) its line (printed on global rank 0
+        only: every rank of a distributed stage walks the same runs)."""
         self.done += 1
         self.computed += not cached
         eta = self.eta()
@@ -52,5 +55,6 @@ class RunProgress:
             else f"[{self.done}/{self.total}]"
         )
         line = " ".join(x for x in (head, name, detail) if x) + (f" ({tail})" if tail else "")
-        print(line, flush=True)
+        if is_global_zero():
+            print(line, flush=True)
         return line

@@ -134,7 +134,14 @@ class LossClassifier(L.LightningModule):
         return loss
 
     def end_epoch(self, epoch: int) -> None:
-        """Close epoch ``epoch`` (0-based) in ``history``: the mean training loss."""
+        """Close epoch ``epoch`` (0-based) in ``history``: the mean training loss (over every
+        rank's batches under DDP, Trainer or Fabric alike; every rank calls this)."""
+        td = torch.distributed
+        if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+            loss_seen = [float(self._loss_sum), self._seen]
+            total = torch.tensor(loss_seen, dtype=torch.float64, device=self.device)
+            td.all_reduce(total)  # sum of losses x batch sizes, images seen
+            self._loss_sum, self._seen = total[0], int(total[1])
         if self._seen:
             self.history.setdefault(epoch, {})["train_loss"] = float(self._loss_sum) / self._seen
         self._loss_sum, self._seen = 0.0, 0
@@ -158,7 +165,7 @@ class LossClassifier(L.LightningModule):
         }
         for metric in (self.val_ece, self.val_nll, self.val_acc):
             metric.reset()
-        self.history.setdefault(self.current_epoch, {}).update(values)
+        self.history.setdefault(self.current_epoch, {}).update(values)  # synced by compute()
         self.log_dict({k.replace("_", "/", 1): v for k, v in values.items()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

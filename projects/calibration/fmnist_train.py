@@ -8,7 +8,9 @@ arXiv:1706.04599). The label-noise runs (ERM and mixup on symmetric noise; Chida
 labels. A run is reused only under its run identity (``core.engine.cache.cached_run``: config,
 imported code, input data). Writes per run, under ``<paths.runs>/fmnist/<run>/``:
 ``logits.pt`` (per evaluation set the (V, N, C) logits of the CA views, identity first, and the
-labels), ``model.pt`` and ``result.json`` (identity, per-epoch history, train fit).
+labels), ``model.pt`` and ``result.json`` (identity, per-epoch history, train fit). Under
+``trainer.strategy: ddp`` (``--workers 1``) every rank trains each run and evaluates the full
+sets with the synced weights; only global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from core.calibration import make_views
 from core.engine.cache import cached_run, load_cached
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_trainer, seed_everything
 from core.losses import get_loss
@@ -123,8 +126,9 @@ def train_one(job: Job, params: dict[str, Any], sets: dict[str, Any], out: Path)
         for name, (xs, ys) in evals.items()
     }
     train_logits = make_views(model, x, ("identity",))[0].double()  # (N, C)
-    atomic_save_torch(module.net.state_dict(), out / "model.pt")
-    atomic_save_torch({"views": views, "sets": logits}, out / LOGITS)
+    if is_global_zero():
+        atomic_save_torch(module.net.state_dict(), out / "model.pt")
+        atomic_save_torch({"views": views, "sets": logits}, out / LOGITS)
     test = logits["test"]
     return {
         "history": [{"epoch": e + 1, **v} for e, v in sorted(module.history.items())],
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             out / RESULT, run_config(params, job), run_data(job, roots), requires=[out / LOGITS]
         )
         if stored is None:
-            (out / RESULT).unlink(missing_ok=True)  # logits gone or stale: recompute
+            if is_global_zero():  # logits gone or stale: recompute
+                (out / RESULT).unlink(missing_ok=True)
             todo.append(job)
         else:
             progress.update(run_name(*job), f"test acc {stored['test_acc']:.4f}", cached=True)
@@ -179,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     todo.sort(key=lambda job: -cost(params["fmnist"], job))  # costliest first: better packing
     need_c = any(noise == 0 for _, _, noise in todo)
+    workers = check_pool(mach.workers, params["trainer"])
     for job, record in imap_processes(
-        _run, todo, init=_init, init_args=(params, roots, need_c), workers=mach.workers,
+        _run, todo, init=_init, init_args=(params, roots, need_c), workers=workers,
         threads=mach.threads,
     ):  # fmt: skip
         detail = f"train acc {record['train_acc']:.4f} test acc {record['test_acc']:.4f}"

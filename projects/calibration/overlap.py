@@ -32,6 +32,7 @@ from core.calibration import (
 )
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_fabric, seed_everything
 from core.utils.io import atomic_write_json, atomic_write_text
@@ -76,8 +77,11 @@ def fit_fabric(
     module: LossClassifier, loader: DataLoader, epochs: int, trainer_cfg: Mapping[str, Any]
 ) -> LossClassifier:
     """Train ``module`` for ``epochs`` epochs of ``loader`` with a Fabric from the ``trainer:``
-    block, calling its own ``training_step``; returns it in eval mode on the Fabric's device."""
+    block, calling its own ``training_step``; returns it in eval mode on the Fabric's device.
+    Several devices: the first call launches the ranks, which then train each run together."""
     fabric = build_fabric(trainer_cfg)
+    if fabric.world_size > 1:
+        fabric.launch()  # a no-op in a launched rank and on later calls
     wrapped, opt = fabric.setup(module, module.configure_optimizers())
     loader = fabric.setup_dataloaders(loader)
     for epoch in range(epochs):
@@ -190,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
     args, params, mach = parse_entry(parser, argv)
     todo = jobs(params)
+    workers = check_pool(mach.workers, params["trainer"])
     progress = RunProgress(len(todo), "overlap")
     records: dict[Job, dict[str, Any]] = {}
     for job, record in imap_processes(
-        _run, todo, init=_init, init_args=(params,), workers=mach.workers, threads=mach.threads
+        _run, todo, init=_init, init_args=(params,), workers=workers, threads=mach.threads
     ):
         records[job] = record
         i, mean, r, method = job
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         by_method.setdefault(f"{method}+ts_authors", []).append(
             rec["ts_authors"] | {"T": rec["temperature_authors"]}
         )
+    if not is_global_zero():
+        return
     atomic_write_json(out / "runs.json", per_run)
     atomic_write_text(out / "curves.csv", curves_csv(records))
 

@@ -7,7 +7,9 @@ per-epoch history under its run identity (the params that decide it, the reposit
 imported, the data), so a killed stage resumes and an edited loss recomputes just its runs. Runs
 go to ``machine.workers`` processes; ``<results>/runs.json`` (final and peak accuracy per run)
 and ``<results>/curves.csv`` (every epoch) gather them. All losses of one (condition, seed) see
-the same noisy labels, initial weights and batch order.
+the same noisy labels, initial weights and batch order. Under ``trainer.strategy: ddp`` each
+run trains on every rank (``--workers 1``: a pool never nests around the ranks) and evaluates
+the full test set on every rank with the synced weights; only global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from core.data.fashion_mnist import load_fashion_mnist
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import EpochLine, build_trainer, seed_everything
@@ -180,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in p["seeds"]
         for loss in p["losses"]
     ]
+    workers = check_pool(mach.workers, p["trainer"])
     progress = RunProgress(len(jobs), "robust_losses-train")
     done: dict[Job, dict[str, Any]] = {}
     with _blas_threads(mach.threads):
         for job, record in imap_processes(
-            _job, jobs, init=_init, init_args=(p,), workers=mach.workers, threads=mach.threads
+            _job, jobs, init=_init, init_args=(p,), workers=workers, threads=mach.threads
         ):
             done[job] = record
             row = summary(job, record)
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         for h in done[job]["history"]:
             rows.append({"condition": condition_key(noise, rate), "loss": loss, "seed": seed})
             rows[-1] |= {k: h.get(k, float("nan")) for k in CURVE_FIELDS[3:]}
+    if not is_global_zero():
+        return 0
     out = Path(p["paths"]["results"])
     atomic_write_json(out / "runs.json", {"runs": runs})
     buf = io.StringIO()

@@ -39,6 +39,7 @@ from core.data.fashion_mnist import load_fashion_mnist, to_float_images
 from core.data.fashion_mnist_c import load_corruption
 from core.engine.cache import cached_run, load_cached
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_fabric
@@ -322,6 +323,7 @@ def collect(params: dict, records: dict[tuple, dict]) -> dict[str, Any]:
 def adapt_all(params: dict, workers: int = 1, threads: int = 1) -> dict[str, Any]:
     """Every run of the params (cached ones reused), then errors.json; returns its content."""
     todo, records = [], {}
+    workers = check_pool(workers, params["adapt"]["trainer"], "adapt.trainer")
     all_jobs = jobs(params)
     progress = RunProgress(len(all_jobs), "tta-adapt")
 
@@ -343,7 +345,8 @@ def adapt_all(params: dict, workers: int = 1, threads: int = 1) -> dict[str, Any
         records[job] = rec
         line(job, rec)
     result = collect(params, records)
-    atomic_write_json(Path(params["paths"]["results"]) / "errors.json", result)
+    if is_global_zero():  # launched as one rank of several (torchrun): every rank ran each job
+        atomic_write_json(Path(params["paths"]["results"]) / "errors.json", result)
     return result
 
 

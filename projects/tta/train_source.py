@@ -6,7 +6,8 @@ DVCLive logs, ``identity.json``): it resumes only while its identity (seed, mode
 param retrains from scratch instead of restoring the finished run. Writes the weights to
 ``paths.checkpoints/source-<norm>.pt`` (DVC-cached) and the clean test accuracy to
 ``paths.results/source_metrics.json``. The two norms train side by side in
-``machine.workers`` single-threaded processes.
+``machine.workers`` single-threaded processes, or one after the other on every rank under
+``source.trainer.strategy: ddp`` (``--workers 1``); only global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from core.data.fashion_mnist import load_fashion_mnist, to_float_images
 from core.engine.config import entry_parser, parse_entry
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.identity import run_config
 from core.engine.trainer import Run, build_trainer, fit, seed_everything
 from core.models.resnet import ResNet
@@ -57,8 +59,8 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self.model(x)
         self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y))
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)  # a torchmetrics object: synced
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -106,10 +108,12 @@ def train_norm(norm: str, params: dict) -> dict[str, Any]:
         val_dataloaders=val,
     )
     evaluator = build_trainer(cfg["trainer"], run.dir, logger=False, checkpoint=False)
-    acc = evaluator.validate(module, val, verbose=False)[0]["val/acc"]  # on the device, no log
-    print(f"source-{norm}: clean test accuracy {acc:.4f}", flush=True)
-    state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-    atomic_save_torch(state, checkpoint_path(params, norm))
+    # on the device, no log; under DDP each rank validates half the test set, val_acc syncs
+    acc = evaluator.validate(module, val, verbose=False)[0]["val/acc"]
+    if is_global_zero():
+        print(f"source-{norm}: clean test accuracy {acc:.4f}", flush=True)
+        state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
+        atomic_save_torch(state, checkpoint_path(params, norm))
     return {"clean_test_accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -125,10 +129,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     norms = args.norms or params["source"]["norms"]
     path = Path(params["paths"]["results"]) / "source_metrics.json"
     metrics = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    runs = map_processes(train_norm, norms, params, workers=mach.workers, threads=mach.threads)
+    workers = check_pool(mach.workers, params["source"]["trainer"], "source.trainer")
+    runs = map_processes(train_norm, norms, params, workers=workers, threads=mach.threads)
     metrics = {n: m for n, m in metrics.items() if n in params["source"]["norms"]}
     metrics.update(zip(norms, runs))
-    atomic_write_json(path, {n: metrics[n] for n in sorted(metrics)})
+    if is_global_zero():
+        atomic_write_json(path, {n: metrics[n] for n in sorted(metrics)})
     return metrics
 
 
