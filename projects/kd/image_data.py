@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from core.data.fashion_mnist import load_fashion_mnist
+from core.engine.dist import global_rank
 
 DEFAULT_FMNIST = Path("datasets/fashion-mnist/processed")
 N_CLASSES = 10
@@ -86,12 +87,35 @@ class IndexBatches(Dataset):
         return tuple(t[idx] for t in self.tensors)
 
 
-def loader(tensors: Sequence[Tensor], batches: Sequence[Tensor]) -> DataLoader:
-    """A DataLoader over :class:`IndexBatches` (main process; the data is in memory)."""
-    return DataLoader(IndexBatches(tensors, batches), batch_size=None, shuffle=False)
+def loader(
+    tensors: Sequence[Tensor], batches: Sequence[Tensor], world: int = 1, train: bool = True
+) -> DataLoader:
+    """A DataLoader over :class:`IndexBatches` (main process; the data is in memory).
+
+    Over ``world`` ranks every index batch is the global one and this rank
+    (:func:`global_rank`) loads its rows r, r + world, ...: across the ranks step k sees the
+    1-process step-k batch. Training batches must split evenly (``train``), so the gradient
+    mean DDP takes over the ranks is the 1-process mean. The sampler is then a one-replica
+    DistributedSampler in order, so Lightning injects none (it would deal whole batches to the
+    ranks, shuffled for training).
+    """
+    if world == 1:
+        return DataLoader(IndexBatches(tensors, batches), batch_size=None, shuffle=False)
+    uneven = sorted({len(b) for b in batches if len(b) < world or (train and len(b) % world)})
+    if world < 1 or uneven:
+        raise ValueError(
+            f"batches of {uneven} rows do not split over {world} training processes "
+            "(training batches: a multiple of them; others: at least one row each)"
+        )
+    rank = global_rank()
+    data = IndexBatches(tensors, [b[rank::world] for b in batches])
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=False)
+    return DataLoader(data, batch_size=None, sampler=sampler)
 
 
-def eval_loader(tensors: Sequence[Tensor], batch_size: int = 1000) -> DataLoader:
-    """Consecutive batches of ``batch_size`` rows, for evaluation and prediction."""
+def eval_loader(tensors: Sequence[Tensor], batch_size: int = 1000, world: int = 1) -> DataLoader:
+    """Consecutive batches of ``batch_size`` rows, for evaluation and prediction (over
+    ``world`` ranks: each rank's rows of each, see :func:`loader`; the torchmetrics metrics
+    sync the counts across the ranks)."""
     n = len(tensors[0])
-    return loader(tensors, list(torch.arange(n).split(batch_size)))
+    return loader(tensors, list(torch.arange(n).split(batch_size)), world, train=False)

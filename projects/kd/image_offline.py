@@ -25,7 +25,7 @@ from core.engine.progress import RunProgress
 from core.engine.trainer import seed_everything
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from projects.kd import DEFAULT_PARAMS
+from projects.kd import DEFAULT_PARAMS, world_size
 from projects.kd.image_data import DEFAULT_FMNIST, batch_indices, eval_loader, load_data, loader
 from projects.kd.image_losses import resolve_offline
 from projects.kd.image_modules import OfflineKD, build_net, n_params, train_and_test
@@ -86,8 +86,11 @@ def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
         steps = batch_indices(len(data["x_train"]), optim["batch_size"], optim["epochs"], seed)
         seed_everything(seed)
         module = OfflineKD(build_net(cfg["student"]), method, optim, len(steps), cfg["n_bins"])
-        train = loader([data["x_train"], data["y_train"], state["teacher_train"]], steps)
-        test = eval_loader([data["x_test"], data["y_test"], state["teacher_test_pred"]])
+        world = world_size(params["trainer"])
+        train = loader([data["x_train"], data["y_train"], state["teacher_train"]], steps, world)
+        test = eval_loader(
+            [data["x_test"], data["y_test"], state["teacher_test_pred"]], world=world
+        )
         out = Path(cfg["paths"]["outputs"]) / "offline"
         train_and_test(module, params["trainer"], out, train, test, name=f"{name} seed {seed}")
         return {"metrics": module.results, "n_params": n_params(module.net)}

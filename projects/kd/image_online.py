@@ -23,7 +23,7 @@ from core.engine.progress import RunProgress
 from core.engine.trainer import seed_everything
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from projects.kd import DEFAULT_PARAMS
+from projects.kd import DEFAULT_PARAMS, world_size
 from projects.kd.image_data import DEFAULT_FMNIST, batch_indices, eval_loader, load_data, loader
 from projects.kd.image_losses import resolve_online
 from projects.kd.image_modules import OnlineKD, build_net, train_and_test
@@ -76,8 +76,8 @@ def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
             module,
             params["trainer"],
             out,
-            loader([data["x_train"], data["y_train"]], steps),
-            eval_loader([data["x_test"], data["y_test"]]),
+            loader([data["x_train"], data["y_train"]], steps, world_size(params["trainer"])),
+            eval_loader([data["x_test"], data["y_test"]], world=world_size(params["trainer"])),
             name=f"online {name} seed {seed}",
         )
         return module.results

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from core.engine.config import entry_parser, parse_entry
@@ -21,7 +22,7 @@ from core.engine.dist import is_global_zero
 from core.engine.identity import run_config
 from core.engine.trainer import Run, fit, seed_everything
 from core.utils.io import atomic_save_torch, atomic_write_json
-from projects.kd import DEFAULT_PARAMS
+from projects.kd import DEFAULT_PARAMS, world_size
 from projects.kd.image_data import (
     DEFAULT_FMNIST,
     batch_indices,
@@ -47,6 +48,17 @@ def teacher_config(params: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def predict(trainer: L.Trainer, module: OfflineKD, x: torch.Tensor, world: int) -> torch.Tensor:
+    """Logits ``(N, C)`` of every row of ``x`` (N, 1, 28, 28), on every rank: over several
+    ranks (identical weights after DDP) each runs the whole set itself, since Lightning's
+    predict would leave each rank its own shard."""
+    if world == 1:
+        return torch.cat(trainer.predict(module, eval_loader([x])))
+    module.eval()
+    with torch.no_grad():
+        return torch.cat([module(b.to(module.device)).cpu() for (b,) in eval_loader([x])])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = entry_parser(__doc__.splitlines()[0], DEFAULT_PARAMS)
     parser.add_argument("--fmnist-root", default=str(DEFAULT_FMNIST), help="processed data dir")
@@ -64,21 +76,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     module = OfflineKD(net, {"ce_weight": 1.0, "terms": []}, optim, len(steps), cfg["n_bins"])
     out = Path(cfg["paths"]["outputs"])
     run = Run(out / "teacher", teacher_config(params), [args.fmnist_root], name="teacher")
-    test = eval_loader([data["x_test"], data["y_test"]])
+    world = world_size(params["trainer"])
+    test = eval_loader([data["x_test"], data["y_test"]], world=world)
     trainer = fit(
         module,
         params["trainer"],
         run,
-        train_dataloaders=loader([x, y, torch.zeros(len(y), 0)], steps),
+        train_dataloaders=loader([x, y, torch.zeros(len(y), 0)], steps, world),
         val_dataloaders=test,
         max_epochs=1,  # one Lightning epoch = every data epoch's seeded batches
         val_check_interval=per_epoch,  # a validation point per data epoch
         log_every_n_steps=max(per_epoch // 4, 1),
         num_sanity_val_steps=0,
     )
-    train_logits = torch.cat(trainer.predict(module, eval_loader([data["x_train"]])))  # (N, C)
-    test_logits = torch.cat(trainer.predict(module, eval_loader([data["x_test"]])))  # (Nt, C)
-    test = eval_loader([data["x_test"], data["y_test"], test_logits.argmax(-1)])
+    train_logits = predict(trainer, module, data["x_train"], world)  # (N, C)
+    test_logits = predict(trainer, module, data["x_test"], world)  # (Nt, C)
+    test = eval_loader([data["x_test"], data["y_test"], test_logits.argmax(-1)], world=world)
     trainer.test(module, test, verbose=False)
     if is_global_zero():  # every rank trained and predicted; one writes
         atomic_save_torch(

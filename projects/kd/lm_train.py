@@ -23,13 +23,13 @@ import torch
 from core.data.tokens import load_token_ids
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
-from core.engine.dist import check_pool, is_global_zero, launched_world_size, processes
+from core.engine.dist import check_pool, is_global_zero
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_trainer, seed_everything
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from projects.kd import DEFAULT_PARAMS
+from projects.kd import DEFAULT_PARAMS, world_size
 from projects.kd.lm_modules import (
     LMDistill,
     batch_loader,
@@ -38,12 +38,6 @@ from projects.kd.lm_modules import (
     split_run,
     window_batches,
 )
-
-
-def world_size(trainer_cfg: dict[str, Any]) -> int:
-    """Training processes: devices x num_nodes, or the launcher's count when Lightning picks."""
-    n = processes(trainer_cfg)
-    return n if n is not None else launched_world_size()
 
 
 def check_train(train: dict[str, Any], world: int = 1) -> None:

@@ -1,6 +1,6 @@
-"""projects.kd LM stage under Lightning's DDP on 2 gloo processes: every run's val curve and the
-teacher's score equal 1 process's (each global batch split over the ranks, the val mean synced by
-torchmetrics), one writer, and pools that refuse to nest inside a distributed trainer."""
+"""projects.kd under Lightning's DDP on 2 gloo processes: the LM stage's val curves and teacher
+score, and the image stages' test metrics, equal 1 process's (each global batch split over the
+ranks, the metrics synced by torchmetrics); pools refuse to nest inside a distributed trainer."""
 
 import json
 import os
@@ -10,25 +10,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from projects.kd import lm_train
 from projects.kd.lm_modules import batch_loader, window_batches
+from tests.projects.test_kd_image import _argv as image_argv
+from tests.projects.test_kd_image import fake_fmnist  # noqa: F401 - the fixture
 from tests.projects.test_kd_lm import tiny_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _stage(tmp_path: Path, *extra: str) -> dict:
-    tmp_path.mkdir()
+DDP = ("--set", "trainer.strategy=ddp", "--set", "trainer.devices=2")
+
+
+def _run(module: str, argv: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(name, None)
-    argv = [*tiny_argv(tmp_path), "--threads", "1", *extra]
     done = subprocess.run(
-        [sys.executable, "-m", "projects.kd.lm_train", *argv],
+        [sys.executable, "-m", f"projects.kd.{module}", *argv, "--threads", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _stage(tmp_path: Path, *extra: str) -> dict:
+    tmp_path.mkdir()
+    _run("lm_train", [*tiny_argv(tmp_path), *extra])
     return json.loads((tmp_path / "results" / "lm" / "summary.json").read_text())
 
 
@@ -37,7 +46,7 @@ def test_lm_stage_on_two_ddp_processes_equals_one(tmp_path):
     """Every (run, seed)'s val curve and the teacher's val loss within 1e-5 relative of 1
     process (float32 sums in another order: gradient all-reduce, the synced weighted mean)."""
     one = _stage(tmp_path / "one")
-    two = _stage(tmp_path / "ddp", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2")
+    two = _stage(tmp_path / "ddp", *DDP)
     np.testing.assert_allclose(two["teacher"]["val_loss"], one["teacher"]["val_loss"], rtol=1e-5)
     key = lambda r: (r["run"], r["seed"])  # noqa: E731
     for a, b in zip(sorted(one["runs"], key=key), sorted(two["runs"], key=key), strict=True):
@@ -71,3 +80,49 @@ def test_pool_and_ddp_do_not_nest(tmp_path):
         lm_train.main([*argv, *ddp, "--workers", "2"])
     with pytest.raises(ValueError, match="multiple of the 3"):
         lm_train.main([*argv, "--set", "trainer.devices=3", "--workers", "1"])
+
+
+@pytest.mark.slow
+def test_image_stages_on_two_ddp_processes_equal_one(fake_fmnist, tmp_path):  # noqa: F811
+    """Teacher, offline and online stages on fake data: every run's test metrics (accuracy,
+    agreement exactly; ECE and NLL, float64 on float32 logits, within 1e-5 relative) and the
+    teacher's logits equal 1 process's; every result file is written once, by rank 0."""
+    out = {}
+    for name in ("one", "ddp"):
+        argv = image_argv(tmp_path / name, fake_fmnist) + (list(DDP) if name == "ddp" else [])
+        for stage in ("image_teacher", "image_offline", "image_online"):
+            _run(stage, argv)
+        res = tmp_path / name / "res"
+        out[name] = {
+            f: json.loads((res / f).read_text())
+            for f in ("teacher.json", "offline.json", "online.json")
+        }
+        out[name]["logits"] = torch.load(tmp_path / name / "out" / "teacher.pt")["test_logits"]
+    torch.testing.assert_close(out["ddp"]["logits"], out["one"]["logits"], rtol=1e-4, atol=1e-5)
+    pairs = [(out["one"]["teacher.json"], out["ddp"]["teacher.json"])]
+    for f in ("offline.json", "online.json"):
+        pairs += zip(out["one"][f]["runs"], out["ddp"][f]["runs"], strict=True)
+    for a, b in pairs:
+        for key in ("metrics", "teacher_metrics"):
+            if key in a:
+                assert a[key]["accuracy"] == b[key]["accuracy"], (a, b)
+                np.testing.assert_allclose(
+                    [b[key][m] for m in ("ece", "nll")],
+                    [a[key][m] for m in ("ece", "nll")],
+                    rtol=1e-5,
+                )
+
+
+def test_image_loader_splits_rows_and_refuses_uneven_training_batches(monkeypatch):
+    from projects.kd.image_data import eval_loader, loader
+
+    x = torch.arange(10)
+    batches = [torch.tensor([3, 1, 4, 0]), torch.tensor([9, 2])]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [b.tolist() for (b,) in loader([x], batches, world=2)] == [[1, 0], [2]]
+    assert [b.tolist() for (b,) in eval_loader([x], 4, world=2)] == [[1, 3], [5, 7], [9]]
+    with pytest.raises(ValueError, match=r"batches of \[3\] rows"):
+        loader([x], [torch.tensor([0, 1, 2])], world=2)
+    with pytest.raises(ValueError, match=r"batches of \[1\] rows"):
+        eval_loader([x], 3, world=2)  # the last batch holds one row
