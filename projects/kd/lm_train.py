@@ -29,7 +29,7 @@ from core.engine.progress import RunProgress
 from core.engine.trainer import build_trainer, seed_everything
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from projects.kd import DEFAULT_PARAMS, world_size
+from projects.kd import DEFAULT_PARAMS, strategy, world_size
 from projects.kd.lm_modules import (
     LMDistill,
     batch_loader,
@@ -125,6 +125,7 @@ def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
             val_check_interval=tr["val_every"],
             gradient_clip_val=tr["grad_clip"],
             num_sanity_val_steps=0,
+            strategy=strategy(params["trainer"]),
         )
         world = world_size(params["trainer"])
         trainer.fit(module, batch_loader(batches, world), batch_loader(state["val"], world))
@@ -152,7 +153,11 @@ def score_teacher(params: dict[str, Any]) -> dict[str, Any]:
     teacher = load_teacher(lm["paths"]["teacher_ckpt"])
     module = LMDistill(teacher, None, {}, lm["optim"], 1)
     trainer = build_trainer(
-        params["trainer"], Path(lm["paths"]["results"]), logger=False, checkpoint=False
+        params["trainer"],
+        Path(lm["paths"]["results"]),
+        logger=False,
+        checkpoint=False,
+        strategy=strategy(params["trainer"]),
     )
     val = batch_loader(val_batches(lm, teacher.cfg.block_size), world_size(params["trainer"]))
     trainer.validate(module, val, verbose=False)

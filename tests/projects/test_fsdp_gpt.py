@@ -1,4 +1,4 @@
-"""FSDP for the cce GPT: the strategy built from ``trainer.strategy: fsdp`` wraps exactly the
+"""FSDP for the GPT of cce and of kd's LM stage: the strategy built from ``trainer.strategy: fsdp`` wraps exactly the
 transformer blocks (the root unit keeps the embeddings, the tied head and the final norm), keeps
 the original parameters and no activation checkpointing. Training under FSDP needs GPUs (torch's
 FSDP refuses CPU-only hosts), so the 1-vs-FSDP parity run is skipped without 2 CUDA devices."""
@@ -9,12 +9,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from core.models.gpt import GPT, Block, GPTConfig
-from projects.cce.train import strategy
+from projects.cce.train import strategy as cce_strategy
+from projects.kd import strategy as kd_strategy
 
 TINY = GPTConfig(vocab_size=67, block_size=16, n_layer=3, n_head=2, n_embd=24)
 
 
-def test_fsdp_strategy_from_params_wraps_the_blocks():
+@pytest.mark.parametrize("strategy", [cce_strategy, kd_strategy], ids=["cce", "kd"])
+def test_fsdp_strategy_from_params_wraps_the_blocks(strategy):
     s = strategy({"strategy": "fsdp", "accelerator": "gpu", "devices": 2})
     assert isinstance(s, FSDPStrategy)
     assert s.kwargs["use_orig_params"] is True
@@ -33,7 +35,8 @@ def test_fsdp_strategy_from_params_wraps_the_blocks():
     assert id(model.head_weight) not in block_params
 
 
-def test_other_strategies_go_to_the_engine_unchanged():
+@pytest.mark.parametrize("strategy", [cce_strategy, kd_strategy], ids=["cce", "kd"])
+def test_other_strategies_go_to_the_engine_unchanged(strategy):
     assert strategy({"strategy": "ddp"}) == "ddp"
     assert strategy({}) == "auto"
 
@@ -43,7 +46,7 @@ def test_lightning_and_torch_refuse_fsdp_on_cpu():
     import lightning as L
 
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        L.Trainer(accelerator="cpu", devices=2, strategy=strategy({"strategy": "fsdp"}))
+        L.Trainer(accelerator="cpu", devices=2, strategy=cce_strategy({"strategy": "fsdp"}))
 
 
 @pytest.mark.slow
