@@ -80,12 +80,12 @@ def _train(tmp_path: Path, data: Path, *overrides: str) -> tuple[dict, list[str]
     return record, log.read_text().splitlines()
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_train_as_one_and_only_rank0_writes(tmp_path):
     """2 gloo ranks x batch 2 = the 1-process batch of 4, same windows per step: every step's
     global train loss and both val losses match 1 process to 1e-5 relative (float32 sums in
     another order: the gradient all-reduce and the mean of the two ranks' means; measured
-    ~2e-7). Only rank 0 writes the run record, the CSVs and identity.json."""
+    ~2e-7). Only rank 0 writes the run record, the CSVs and identity.json. ~20 s on 2 cores: not
+    slow-marked, so CI runs this DDP parity check."""
     data = _data(tmp_path)
     one, one_writes = _train(tmp_path / "one", data)
     two, two_writes = _train(
