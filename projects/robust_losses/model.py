@@ -59,7 +59,8 @@ class NoisyLabelMLP(L.LightningModule):
 
     ``eval_data``: ``x_test`` (M, 784), ``y_test`` (M,), ``x_train`` (N, 784), ``y_train_noisy``
     (N,) and, with ``probe``, ``x_probe`` (P, 784), ``y_probe`` (P,). They are non-persistent
-    buffers, so they follow the module to its device and stay out of checkpoints. ``history``
+    buffers, so they follow the module to its device and stay out of checkpoints (and out of
+    DDP's per-step buffer broadcast: every rank holds the same copy). ``history``
     gets one row per epoch (0 = initialisation): test accuracy, accuracy on the noisy training
     labels and, with ``probe`` (``sigma``, ``t``), the DSE of the L2-normalised penultimate
     features of the probe images (Liao et al. 2023, arXiv:2312.04823), their DSMI with the true
@@ -97,6 +98,8 @@ class NoisyLabelMLP(L.LightningModule):
         self.optim, self.probe = dict(optim), probe
         for name, value in eval_data.items():
             self.register_buffer(name, torch.as_tensor(value), persistent=False)
+        # every rank holds the same copy: DDP must not broadcast ~40 MB of them every step
+        self._ddp_params_and_buffers_to_ignore = list(eval_data)
         self.history: list[dict[str, float]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
