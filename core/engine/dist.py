@@ -26,6 +26,7 @@ __all__ = [
     "is_global_zero",
     "launched_world_size",
     "processes",
+    "world_size",
 ]
 
 _log = logging.getLogger(__name__)
@@ -138,3 +139,10 @@ def check_pool(workers: int, trainer_cfg: Mapping[str, Any] | None, what: str = 
         )
         return 1
     return workers
+
+
+def world_size(trainer_cfg: Mapping[str, Any] | None) -> int:
+    """Training processes of a ``trainer:`` block: devices x num_nodes, or the launcher's count
+    (torchrun, srun) when ``devices`` is left to Lightning ("auto")."""
+    n = processes(trainer_cfg)
+    return n if n is not None else launched_world_size()

@@ -21,6 +21,7 @@ are too short for the Trainer's per-step hooks (the overhead is measured in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -40,12 +41,14 @@ from core.engine.identity import code_digests
 __all__ = [
     "EpochLine",
     "Run",
+    "ShardingAware",
     "TRAINER_KEYS",
     "build_fabric",
     "build_trainer",
     "fit",
     "interactive",
     "seed_everything",
+    "strategy",
 ]
 
 TRAINER_KEYS = frozenset(
@@ -90,13 +93,63 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _strategy(cfg: dict[str, Any]) -> Any:
-    """``ddp`` on CPU needs the gloo backend; everything else is Lightning's own string."""
-    if cfg.get("strategy") == "ddp" and cfg.get("accelerator") == "cpu":
+def strategy(cfg: Mapping[str, Any], fsdp_wrap: Iterable[type] = ()) -> Any:
+    """The Lightning strategy of a ``trainer:`` block. ``ddp`` on CPU gets the gloo backend;
+    ``fsdp`` is FSDPStrategy with each module of a ``fsdp_wrap`` class (a GPT's transformer
+    blocks) as its own unit, the rest (embeddings, a tied head, final norms) in the root unit,
+    gathered for the whole step; original parameters kept (``use_orig_params``: names and
+    tying as without FSDP), no activation checkpointing. FSDP needs GPUs (Lightning and torch
+    refuse it on CPU). Everything else is Lightning's own string or object.
+
+    Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel",
+    arXiv:2304.11277."""
+    name = cfg.get("strategy", "auto")
+    if name == "ddp" and cfg.get("accelerator") == "cpu":
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend="gloo")
-    return cfg.get("strategy", "auto")
+    if name == "fsdp":
+        wrap = set(fsdp_wrap)
+        if not wrap:
+            raise ValueError(
+                "trainer.strategy 'fsdp' needs the module classes to shard (fsdp_wrap)"
+            )
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(
+            auto_wrap_policy=wrap, activation_checkpointing_policy=None, use_orig_params=True
+        )
+    return name
+
+
+class ShardingAware:
+    """LightningModule mixin for models that may train under FSDP: ``full_params()`` shows the
+    parameters with their original shapes (FSDP keeps flat 1-D shards outside forward) for
+    choices that read shapes, such as weight-decay groups; gradients are clipped by the global
+    norm through the FSDP root's ``clip_grad_norm_`` (Lightning's FSDP precision plugin refuses
+    ``gradient_clip_val``). Without FSDP both are Lightning's defaults."""
+
+    def _fsdp_root(self) -> Any:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = self.trainer.model
+        return model if isinstance(model, FSDP) else None
+
+    def full_params(self) -> Any:
+        """A context in which parameters have their full shapes (a no-op without FSDP)."""
+        root = self._fsdp_root()
+        if root is None:
+            return contextlib.nullcontext()
+        return type(root).summon_full_params(root, writeback=False)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        root = self._fsdp_root() if gradient_clip_val else None
+        if root is not None and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _checked(cfg: Mapping[str, Any] | None, allowed: frozenset[str], what: str) -> dict[str, Any]:
@@ -177,17 +230,19 @@ def build_trainer(
     logger: bool = True,
     checkpoint: bool = True,
     name: str = "",
+    fsdp_wrap: Iterable[type] = (),
     **overrides: Any,
 ) -> L.Trainer:
     """A ``lightning.Trainer`` from a params ``trainer:`` block (plus ``overrides``).
 
     Unknown keys raise (a typo in params.yaml must not be silently ignored). ``strategy: ddp``
-    on CPU uses gloo; ``devices`` then counts processes. Checkpoints go to
+    on CPU uses gloo; ``devices`` then counts processes; ``strategy: fsdp`` shards the modules
+    of the ``fsdp_wrap`` classes (:func:`strategy`). Checkpoints go to
     ``out_dir/checkpoints`` (``last.ckpt``), DVCLive logs to ``out_dir/dvclive``. The progress
     bar shows on a terminal; elsewhere :class:`EpochLine` prints one line per epoch.
     """
     cfg = _checked({**dict(cfg or {}), **overrides}, TRAINER_KEYS, "trainer")
-    cfg["strategy"] = _strategy(cfg)
+    cfg["strategy"] = strategy(cfg, fsdp_wrap)
     tty = interactive()
     cfg.setdefault("enable_progress_bar", tty)
     cfg.setdefault("enable_model_summary", tty)
@@ -228,6 +283,7 @@ def fit(
     train_dataloaders: Any = None,
     val_dataloaders: Any = None,
     datamodule: Any = None,
+    fsdp_wrap: Iterable[type] = (),
     **overrides: Any,
 ) -> L.Trainer:
     """Train ``module`` for ``run`` and return the Trainer.
@@ -247,6 +303,7 @@ def fit(
         logger=logger,
         checkpoint=checkpoint,
         name=run.name,
+        fsdp_wrap=fsdp_wrap,
         **overrides,
     )
     last = run.dir / "checkpoints" / "last.ckpt"

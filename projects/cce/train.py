@@ -27,9 +27,9 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
-from core.engine.dist import is_global_zero, launched_world_size, processes
+from core.engine.dist import is_global_zero, world_size
 from core.engine.identity import run_config
-from core.engine.trainer import Run, fit, seed_everything
+from core.engine.trainer import Run, ShardingAware, fit, seed_everything
 from core.models.gpt import GPT, Block, GPTConfig
 from core.optim import adamw_warmup_cosine
 from core.utils.io import atomic_open
@@ -41,7 +41,7 @@ TOKENS_PER_S = "train/device/items_per_sec"  # ThroughputMonitor's key (items = 
 IDENTITY_KEYS = ("seed", "model", "optim", "train", "trainer")  # params that decide a run
 
 
-class LMModule(L.LightningModule):
+class LMModule(ShardingAware, L.LightningModule):
     """Next-token LM training of :class:`GPT`; ``loss_impl`` picks materialised CE or CCE."""
 
     def __init__(self, model_cfg: dict, optim_cfg: dict, loss_impl: str = "torch") -> None:
@@ -93,32 +93,9 @@ class LMModule(L.LightningModule):
         Under FSDP the parameters are flat 1-D shards here; the groups are chosen with the
         full (original-shape) views summoned, over the same parameter objects.
         """
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        model = self.trainer.model
-        if isinstance(model, FSDP):
-            with FSDP.summon_full_params(model, writeback=False):
-                opt, sched = adamw_warmup_cosine(self, self.optim_cfg, self.trainer.max_steps)
-        else:
+        with self.full_params():
             opt, sched = adamw_warmup_cosine(self, self.optim_cfg, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        """Clip by the global norm; under FSDP through the root's ``clip_grad_norm_`` (the norm
-        over every shard), which Lightning's FSDP precision plugin refuses to do itself."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        model = self.trainer.model
-        if (
-            gradient_clip_val
-            and isinstance(model, FSDP)
-            and gradient_clip_algorithm in (None, "norm")
-        ):
-            model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = self.history
@@ -166,31 +143,6 @@ def write_csv(path: Path, rows: list[tuple[int, float]]) -> None:
         w.writerows((s, f"{v:.6f}") for s, v in rows)
 
 
-def world_size(trainer_cfg: dict) -> int:
-    """Training processes of ``trainer_cfg``: devices x num_nodes, or the launcher's count
-    (torchrun, srun) when ``devices`` is left to Lightning."""
-    n = processes(trainer_cfg)
-    return n if n is not None else launched_world_size()
-
-
-def strategy(trainer_cfg: dict) -> Any:
-    """The Lightning strategy of ``trainer_cfg``: ``fsdp`` is FSDPStrategy sharding each
-    transformer :class:`Block` as a unit (the embeddings, tied head and final norm form the
-    root unit, gathered for the whole training step, so the fused loss reads the full head
-    weight), original parameters kept (``use_orig_params``: named, tied and grouped as
-    without FSDP), no activation checkpointing; anything else goes to the engine unchanged.
-    GPUs only: Lightning refuses FSDP with ``accelerator: cpu`` and torch's FSDP needs an
-    accelerator device."""
-    name = trainer_cfg.get("strategy", "auto")
-    if name != "fsdp":
-        return name
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return FSDPStrategy(
-        auto_wrap_policy={Block}, activation_checkpointing_policy=None, use_orig_params=True
-    )
-
-
 def train(params: dict, loss_impl: str, run: Run) -> dict[str, Any]:
     """Train (or resume) ``run`` with ``loss_impl``; returns its figures and loss history."""
     seed_everything(params["seed"])
@@ -215,7 +167,7 @@ def train(params: dict, loss_impl: str, run: Run) -> dict[str, Any]:
         callbacks=[throughput_monitor(*steps)],
         train_dataloaders=train_dl,
         val_dataloaders=val_dl,
-        strategy=strategy(tcfg),
+        fsdp_wrap={Block},
     )
     tokens_per_s = trainer.logged_metrics.get(TOKENS_PER_S)  # absent when a resume was short
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]

@@ -19,13 +19,13 @@ import torch
 
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
-from core.engine.dist import check_pool, is_global_zero
+from core.engine.dist import check_pool, is_global_zero, world_size
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import seed_everything
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from projects.kd import DEFAULT_PARAMS, world_size
+from projects.kd import DEFAULT_PARAMS
 from projects.kd.image_data import DEFAULT_FMNIST, batch_indices, eval_loader, load_data, loader
 from projects.kd.image_losses import resolve_offline
 from projects.kd.image_modules import OfflineKD, build_net, n_params, train_and_test

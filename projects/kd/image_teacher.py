@@ -18,11 +18,11 @@ import lightning as L
 import torch
 
 from core.engine.config import entry_parser, parse_entry
-from core.engine.dist import is_global_zero
+from core.engine.dist import is_global_zero, world_size
 from core.engine.identity import run_config
 from core.engine.trainer import Run, fit, seed_everything
 from core.utils.io import atomic_save_torch, atomic_write_json
-from projects.kd import DEFAULT_PARAMS, world_size
+from projects.kd import DEFAULT_PARAMS
 from projects.kd.image_data import (
     DEFAULT_FMNIST,
     batch_indices,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics import MeanMetric
 
 from core.engine.dist import global_rank
+from core.engine.trainer import ShardingAware
 from core.losses import linear_cross_entropy, linear_kd_loss
 from core.models.gpt import GPT, GPTConfig
 from core.optim import adamw_warmup_cosine
@@ -122,7 +123,7 @@ def step_loss(
     )
 
 
-class LMDistill(L.LightningModule):
+class LMDistill(ShardingAware, L.LightningModule):
     """A GPT student trained by ``step_loss`` (KD from a frozen teacher, or CE alone).
 
     The teacher is a submodule (it follows the student to the device) kept in eval mode with
@@ -175,32 +176,9 @@ class LMDistill(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """The cce recipe over the student; under FSDP the decay groups are chosen with the
         full (original-shape) parameter views summoned (outside, they are flat shards)."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        model = self.trainer.model
-        if isinstance(model, FSDP):
-            with FSDP.summon_full_params(model, writeback=False):
-                opt, sched = adamw_warmup_cosine(self.student, self.optim, self.total_steps)
-        else:
+        with self.full_params():
             opt, sched = adamw_warmup_cosine(self.student, self.optim, self.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        """Clip by the global norm; under FSDP through the root's ``clip_grad_norm_`` (the norm
-        over every shard), which Lightning's FSDP precision plugin refuses to do itself."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        model = self.trainer.model
-        if (
-            gradient_clip_val
-            and isinstance(model, FSDP)
-            and gradient_clip_algorithm in (None, "norm")
-        ):
-            model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 @torch.no_grad()

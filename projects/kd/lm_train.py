@@ -23,13 +23,14 @@ import torch
 from core.data.tokens import load_token_ids
 from core.engine.cache import cached_run
 from core.engine.config import entry_parser, parse_entry
-from core.engine.dist import check_pool, is_global_zero
+from core.engine.dist import check_pool, is_global_zero, world_size
 from core.engine.identity import run_config
 from core.engine.progress import RunProgress
 from core.engine.trainer import build_trainer, seed_everything
+from core.models.gpt import Block
 from core.utils.io import atomic_write_json
 from core.utils.parallel import imap_processes
-from projects.kd import DEFAULT_PARAMS, strategy, world_size
+from projects.kd import DEFAULT_PARAMS
 from projects.kd.lm_modules import (
     LMDistill,
     batch_loader,
@@ -125,7 +126,7 @@ def run_job(job: tuple[str, int], state: dict[str, Any]) -> dict[str, Any]:
             val_check_interval=tr["val_every"],
             gradient_clip_val=tr["grad_clip"],
             num_sanity_val_steps=0,
-            strategy=strategy(params["trainer"]),
+            fsdp_wrap={Block},
         )
         world = world_size(params["trainer"])
         trainer.fit(module, batch_loader(batches, world), batch_loader(state["val"], world))
@@ -157,7 +158,7 @@ def score_teacher(params: dict[str, Any]) -> dict[str, Any]:
         Path(lm["paths"]["results"]),
         logger=False,
         checkpoint=False,
-        strategy=strategy(params["trainer"]),
+        fsdp_wrap={Block},
     )
     val = batch_loader(val_batches(lm, teacher.cfg.block_size), world_size(params["trainer"]))
     trainer.validate(module, val, verbose=False)

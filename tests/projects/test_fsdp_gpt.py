@@ -8,16 +8,16 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from core.engine.trainer import strategy
 from core.models.gpt import GPT, Block, GPTConfig
-from projects.cce.train import strategy as cce_strategy
-from projects.kd import strategy as kd_strategy
+from projects.cce.train import LMModule
+from projects.kd.lm_modules import LMDistill
 
 TINY = GPTConfig(vocab_size=67, block_size=16, n_layer=3, n_head=2, n_embd=24)
 
 
-@pytest.mark.parametrize("strategy", [cce_strategy, kd_strategy], ids=["cce", "kd"])
-def test_fsdp_strategy_from_params_wraps_the_blocks(strategy):
-    s = strategy({"strategy": "fsdp", "accelerator": "gpu", "devices": 2})
+def test_fsdp_strategy_from_params_wraps_the_blocks():
+    s = strategy({"strategy": "fsdp", "accelerator": "gpu", "devices": 2}, fsdp_wrap={Block})
     assert isinstance(s, FSDPStrategy)
     assert s.kwargs["use_orig_params"] is True
     assert not s._activation_checkpointing_kwargs  # off by default
@@ -35,10 +35,21 @@ def test_fsdp_strategy_from_params_wraps_the_blocks(strategy):
     assert id(model.head_weight) not in block_params
 
 
-@pytest.mark.parametrize("strategy", [cce_strategy, kd_strategy], ids=["cce", "kd"])
-def test_other_strategies_go_to_the_engine_unchanged(strategy):
+def test_other_strategies_are_lightnings_and_fsdp_needs_wrap_classes():
     assert strategy({"strategy": "ddp"}) == "ddp"
     assert strategy({}) == "auto"
+    with pytest.raises(ValueError, match="fsdp_wrap"):
+        strategy({"strategy": "fsdp"})
+
+
+@pytest.mark.parametrize("module", [LMModule, LMDistill], ids=["cce", "kd"])
+def test_gpt_modules_are_sharding_aware(module):
+    """Both GPT modules choose decay groups with full shapes and clip through the FSDP root
+    (core.engine.trainer.ShardingAware), not Lightning's refusing default."""
+    from core.engine.trainer import ShardingAware
+
+    assert issubclass(module, ShardingAware)
+    assert module.configure_gradient_clipping is ShardingAware.configure_gradient_clipping
 
 
 def test_lightning_and_torch_refuse_fsdp_on_cpu():
@@ -46,7 +57,9 @@ def test_lightning_and_torch_refuse_fsdp_on_cpu():
     import lightning as L
 
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        L.Trainer(accelerator="cpu", devices=2, strategy=cce_strategy({"strategy": "fsdp"}))
+        L.Trainer(
+            accelerator="cpu", devices=2, strategy=strategy({"strategy": "fsdp"}, fsdp_wrap={Block})
+        )
 
 
 @pytest.mark.slow
