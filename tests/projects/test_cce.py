@@ -17,12 +17,12 @@ from core.engine import variants
 from core.engine.config import load_params, parse_entry
 from core.engine.trainer import TRAINER_KEYS, build_trainer
 from core.models.gpt import GPT, GPTConfig
-from core.utils.show_results import results_sections
 from projects.cce import bench, report, tokenizer, train
 from projects.cce.data import TokenWindows
 from projects.cce.report import build_report, headline_metrics, relative_diff
 from projects.cce.tokenizer import EOS, byte_capped, encode_documents, train_tokenizer
 from projects.cce.train import LMModule, flops_per_token, throughput_monitor, tokens_per_s_steps
+from tests.projects.report_helpers import assert_report_regenerates, random_token_data
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "projects" / "cce"
@@ -204,11 +204,7 @@ def test_gpu_variant_runs_as_a_dvc_experiment():
 
 def _tiny_params(tmp_path: Path) -> Path:
     """A params file for a ~1 s run on random token arrays (no tokenizer needed)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 2000), ("val", 500)):
-        np.save(data / f"{split}.npy", rng.integers(0, 67, n).astype(np.uint16))
+    random_token_data(tmp_path)
     p = load_params(PROJECT / "params.yaml")
     p["paths"] |= {k: str(tmp_path / k) for k in ("data", "runs", "results")}
     p["model"] |= TINY_MODEL
@@ -348,14 +344,6 @@ def test_report_regenerates_the_committed_readme_section(tmp_path):
     """From the committed results, the report writes the committed README section, metrics
     and report.json byte for byte (figures too: no timestamps in the PNGs)."""
     p = load_params(PROJECT / "params.yaml")
-    results = ROOT / p["paths"]["results"]
-    shutil.copytree(results, tmp_path / "results")
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    p["paths"]["results"] = str(tmp_path / "results")
     p["bench"]["out"] = str(tmp_path / "results" / Path(p["bench"]["out"]).name)
-    build_report(p, readme)
-    committed = (PROJECT / "README.md").read_text(encoding="utf-8")
-    assert results_sections(readme.read_text()) == results_sections(committed)[:1]
-    for name in ("metrics.json", "report.json", "loss_curves.png"):
-        assert (tmp_path / "results" / name).read_bytes() == (results / name).read_bytes(), name
+    names = ("metrics.json", "report.json", "loss_curves.png")
+    assert_report_regenerates(tmp_path, PROJECT, p, build_report, names)

@@ -13,6 +13,7 @@ import torch
 
 from core.engine.config import load_params
 from projects.cce.data import make_loaders
+from tests.projects.report_helpers import random_token_data
 
 ROOT = Path(__file__).resolve().parents[2]
 CSVS = ("train_loss.csv", "val_loss.csv")
@@ -39,12 +40,7 @@ train.main(sys.argv[1:])
 
 
 def _data(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 2000), ("val", 500)):
-        np.save(data / f"{split}.npy", rng.integers(0, 67, n).astype(np.uint16))
-    return data
+    return random_token_data(tmp_path)
 
 
 def _params(tmp_path: Path, data: Path) -> Path:

@@ -14,11 +14,11 @@ from core.engine.config import load_params, parse_entry
 from core.engine.deps import missing_deps
 from core.engine.trainer import FABRIC_KEYS, TRAINER_KEYS, build_fabric
 from core.models.resnet import ResNet
-from core.utils.show_results import results_sections
 from projects.tta import adapt, report, train_source
 from projects.tta.adapt import GRADUAL, label_order, make_stream, method_kwargs, run_stream
 from projects.tta.methods import METHODS, build
 from projects.tta.report import build_report, evaluate_claims, headline_metrics
+from tests.projects.report_helpers import assert_report_regenerates
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "projects" / "tta"
@@ -378,17 +378,13 @@ def test_report_regenerates_the_committed_readme_section(tmp_path):
     """From the committed results, the report writes the committed README section, metrics,
     claims and figure byte for byte."""
     p = load_params(PROJECT / "params.yaml")
-    results = ROOT / p["paths"]["results"]
-    shutil.copytree(results, tmp_path / "results")
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    p["paths"]["results"] = str(tmp_path / "results")
-    p["report"]["readme"] = str(readme)
-    build_report(p)
-    committed = (PROJECT / "README.md").read_text(encoding="utf-8")
-    assert results_sections(readme.read_text()) == results_sections(committed)[:1]
-    for name in ("metrics.json", "claims.json", "errors.png"):
-        assert (tmp_path / "results" / name).read_bytes() == (results / name).read_bytes(), name
+
+    def build(params, readme):
+        params["report"]["readme"] = str(readme)
+        build_report(params)
+
+    names = ("metrics.json", "claims.json", "errors.png")
+    assert_report_regenerates(tmp_path, PROJECT, p, build, names)
 
 
 @pytest.mark.slow
