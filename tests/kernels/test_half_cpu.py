@@ -295,3 +295,47 @@ def test_native_kd_sweep_uses_the_planned_sub_blocks(monkeypatch):
     out = chunking.fused_linear_loss(e, c, None, None, loss)[0]
     out.backward()
     assert max(subs) == sub and seen == [v_block]
+
+
+@pytest.mark.parametrize("shape", [(16, 65536), (8, 1031), (3, 7), (1, 1)])
+def test_softmax_in_place_is_exact(shape):
+    """The native CE sub-block relies on ATen's row-wise softmax being exact in place
+    (``out=`` its input): guards that assumption against a change in torch."""
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 7
+    ref = torch.softmax(z, 1)
+    torch.softmax(z, 1, out=z)
+    assert torch.equal(z, ref)
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ce_native_underflowed_target_probability(native, softcap, reduction):
+    """Rows whose target probability underflows fp32 (target logit ~150 below the others):
+    the native path's LSE from log p_target would be inf; those rows take the exact LSE, and
+    loss and gradients keep the CCE authors' rule against fp64."""
+    n, v, d = 40, 1031, 8
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(n, d, generator=g, dtype=torch.float64)
+    c = torch.randn(v, d, generator=g, dtype=torch.float64)
+    t = torch.randint(0, v, (n,), generator=g)
+    e[:, 0], c[:, 0] = 4.0, 10.0  # every logit near +40 ...
+    c[t[::3], 0] = -30.0  # ... but a third of the rows' targets near -120: p_t ~ e^-160
+    xs = [e.bfloat16(), c.bfloat16()]
+    kw = dict(softcap=softcap, reduction=reduction, return_lse=True)
+
+    def ours(e_, c_, b_):
+        return linear_cross_entropy_impl(e_, c_, t, impl="chunked", chunk_size=CHUNK, **kw)
+
+    def exact(e_, c_, b_):
+        return reference_linear_cross_entropy(e_, c_, t, compute_dtype=torch.float64, **kw)
+
+    got = _ce_objective(ours, xs, t, torch.bfloat16, reduction, True)
+    assert all(torch.isfinite(x).all() for x in got)
+    z = xs[0].double() @ xs[1].double().T
+    p_t = torch.softmax(z if softcap is None else softcap * torch.tanh(z / softcap), 1)[
+        torch.arange(n), t
+    ]
+    assert (p_t < 1e-30).sum() >= 5  # rows that take the exact LSE are there
+    same = _ce_objective(_torch_same(t, **kw), xs, t, torch.bfloat16, reduction, True)
+    ref = _ce_objective(exact, xs, t, torch.float64, reduction, True)
+    _assert_rule(["loss", "lse", "dE", "dC"], got, same, ref, torch.bfloat16)
