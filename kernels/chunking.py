@@ -24,6 +24,7 @@ Hsu et al. 2024, "Liger Kernel", arXiv:2410.10989 (its fused-linear chunked-loss
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
@@ -51,6 +52,14 @@ HALF_FLAGS = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16"),
     torch.float16: ("avx512_fp16", "amx_fp16"),
 }
+# CPU work buffers of at least HUGE_MIN_BYTES are backed by 2 MiB transparent huge pages where
+# the kernel offers them (``workspace``): a fresh buffer is faulted in page by page on every call
+# (glibc maps allocations above its mmap threshold anew each time), and 4 KiB faults cost about as
+# much as the bf16 path's elementwise maths. KERNELS_CPU_HUGE_PAGES=0 turns this off.
+HUGE_PAGE = 2 << 20
+HUGE_MIN_BYTES = 2 * HUGE_PAGE
+HUGE_PAGES_ENV = "KERNELS_CPU_HUGE_PAGES"
+MADV_HUGEPAGE = 14  # <linux/mman.h>
 _log = logging.getLogger(__name__)
 _logged: set = set()
 
@@ -91,6 +100,50 @@ def cpu_half_path(dtype: torch.dtype) -> tuple[str, str]:
     if not cap.startswith("AVX512"):
         return "upcast", f"ATen CPU capability {cap} (needs AVX512 kernels)"
     return "native", f"the CPU has {' / '.join(have)} (ATen capability {cap})"
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    """libc's madvise where transparent huge pages can be requested (Linux with THP "always" or
+    "madvise"), else None."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return None
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def huge_pages_enabled() -> bool:
+    """Whether ``workspace`` asks for huge pages: ``KERNELS_CPU_HUGE_PAGES`` "1" (default) or "0",
+    and the OS offers them."""
+    env = os.environ.get(HUGE_PAGES_ENV, "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"{HUGE_PAGES_ENV} must be '0' or '1' or unset, got {env!r}")
+    return env == "1" and _madvise() is not None
+
+
+def workspace(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised work buffer (like torch.empty) that lives only inside a fused call.
+
+    On CPU a buffer of at least HUGE_MIN_BYTES is carved 2 MiB-aligned out of a slightly larger
+    allocation (+2 MiB of address space, never touched) and its whole 2 MiB pages are marked
+    MADV_HUGEPAGE before first touch, so it is faulted in 2 MiB at a time (512 x fewer faults; the
+    ragged tail keeps 4 KiB pages, so resident memory does not grow). Elsewhere, or when
+    ``huge_pages_enabled`` says no, plain torch.empty. Not for tensors handed to the caller (their
+    storage would be larger than they are).
+    """
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < HUGE_MIN_BYTES or not huge_pages_enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    _madvise()(raw.data_ptr() + start, nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)
+    return raw[start : start + nbytes].view(dtype).view(shape)  # a failed madvise: 4 KiB pages
 
 
 def half_path(e: torch.Tensor, c: torch.Tensor, bias, loss: ChunkLoss) -> tuple[str, str]:
@@ -135,21 +188,36 @@ def pick_chunk_size(
     dtype: torch.dtype,
     n_buffers: int = 1,
     memory_target: float = MEMORY_TARGET,
-    buffer_item: int | None = None,
-    reserved: int = 0,
 ) -> int:
-    """Rows per chunk so that ``n_buffers`` (chunk, V) buffers fit ``chunk_budget``.
-
-    A larger target buys longer GEMMs (more rows per chunk): speed for memory. ``buffer_item``:
-    bytes per element of the chunk buffers (default the accumulation dtype's; 2 on the native
-    half path); ``reserved``: bytes of other work buffers taken from the budget first (the
-    native path's fp32 sub-block and dC staging buffers, ``half_work``).
+    """Rows per chunk so that ``n_buffers`` (chunk, V) buffers of the accumulation dtype fit
+    ``chunk_budget``. A larger target buys longer GEMMs (more rows per chunk): speed for memory.
     """
-    budget = chunk_budget(n, v, d, dtype, memory_target) - reserved
-    item = buffer_item or torch.finfo(acc_dtype(dtype)).bits // 8
-    rows = int(budget // max(v * item * n_buffers, 1))
+    item = torch.finfo(acc_dtype(dtype)).bits // 8
+    return rows_within(chunk_budget(n, v, d, dtype, memory_target), n, v * item * n_buffers)
+
+
+def rows_within(budget: float, n: int, row_bytes: int) -> int:
+    """Chunk rows of ``row_bytes`` each that fit ``budget``: a multiple of 8 from 16 rows up,
+    at least 1, at most n."""
+    rows = int(budget // max(row_bytes, 1))
     rows = rows // 8 * 8 if rows >= 16 else max(rows, 1)
     return max(1, min(rows, n))
+
+
+def native_plan(
+    n: int, v: int, d: int, n_buffers: int, n_half_buffers: int, memory_target: float
+) -> tuple[int, int, int]:
+    """(chunk rows, sub_rows, v_block) of the native half path: its work buffers (``half_work``)
+    and ``n_half_buffers`` (chunk, V) 2-byte buffers inside ``chunk_budget``, and where the fp32
+    path's chunk is bound by memory (fewer rows than n) inside what its ``n_buffers`` (chunk, V)
+    fp32 buffers actually take (their rows rounded down to 8): so the native path never outgrows
+    the fp32 path's peak."""
+    budget = chunk_budget(n, v, d, torch.float32, memory_target)
+    rows32 = rows_within(budget, n, v * 4 * n_buffers)
+    if rows32 < n:
+        budget = rows32 * v * 4 * n_buffers
+    sub, v_block, work = half_work(v, d, n_buffers, budget)
+    return rows_within(budget - work, n, v * 2 * n_half_buffers), sub, v_block
 
 
 def half_work(v: int, d: int, n_buffers: int, budget: float) -> tuple[int, int, int]:
@@ -226,8 +294,8 @@ def first_order(backward):
 def chunk_logits(e: torch.Tensor, w: torch.Tensor, bias, flat: torch.Tensor, transposed: bool):
     """Logits e (k, D) @ w (V, D)^T + bias (V,) of one chunk, (k, V), written into ``flat``
     (>= k V elements). ``transposed``: stored as a (V, k) block and returned as its transpose,
-    the faster GEMM orientation for CCE on CPU (MKL, k 128, V 65536, D 512: 1.10-1.13 x the CPU
-    time otherwise); KD's row-wise closed forms run ~4 % faster on (k, V) rows."""
+    the faster fp32 GEMM orientation for CCE on CPU (MKL, k 128, V 65536, D 512); KD's row-wise
+    closed forms run faster on (k, V) rows."""
     k, v = e.shape[0], w.shape[0]
     if not transposed:
         out = flat[: k * v].view(k, v)
@@ -291,13 +359,21 @@ class ChunkLoss:
     def _flat(self, i: int, n: int, like: torch.Tensor) -> torch.Tensor:
         bufs = self.__dict__.setdefault("_buffers", {})
         if i not in bufs:
-            bufs[i] = like.new_empty(n)
+            bufs[i] = workspace((n,), like.dtype, like.device)
         return bufs[i][:n]
 
     def release(self) -> None:
         """Free the work buffers (called at the end of every sweep)."""
         for key in ("_buffers", "_head", "_teacher", "_chunk_t"):
             self.__dict__.pop(key, None)
+
+
+def row_indices(rows: slice | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The row numbers (into the N rows) of positions ``idx`` (r,) of a chunk's ``rows`` (a
+    slice, or (k,) indices): for recomputing a few of a chunk's rows (``ChunkLoss.head_logits``)."""
+    if isinstance(rows, slice):
+        return idx + rows.start
+    return rows.index_select(0, idx)
 
 
 def _row_chunks(e: torch.Tensor, valid, n_valid: int, k_max: int):
@@ -350,7 +426,7 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
         if want[2] and bias is not None:
             db = torch.zeros_like(bias)
     k_max = max(1, min(chunk_size, n_valid))
-    flat = e.new_empty(k_max * v)
+    flat = workspace((k_max * v,), e.dtype, e.device)
     loss._head = (e, c, bias)
     try:
         for s, rows, ek in _row_chunks(e, valid, n_valid, k_max):
@@ -391,15 +467,15 @@ class _HalfGradC:
         self.blocks = [(lo, min(lo + v_block, v)) for lo in range(0, v, v_block)]
         self.acc: list = [None] * len(self.blocks)
         vb = min(v_block, v)
-        self.part = c.new_empty(vb, d)  # the GEMM's half output
-        self.stage = c.new_empty(vb, d, dtype=torch.float32)  # its fp32 copy: same-dtype add_
+        self.part = workspace((vb, d), c.dtype, c.device)  # the GEMM's half output
+        self.stage = workspace((vb, d), torch.float32, c.device)  # fp32 copy: same-dtype add_
 
     def add(self, g: torch.Tensor, ek: torch.Tensor) -> None:
         """acc += g^T ek for one chunk: g (k, V), ek (k, D), both in the input dtype."""
         for b, (lo, hi) in enumerate(self.blocks):
             p = torch.mm(g[:, lo:hi].T, ek, out=self.part[: hi - lo])
             if self.acc[b] is None:
-                self.acc[b] = p.float()
+                self.acc[b] = workspace(p.shape, torch.float32, p.device).copy_(p)
             else:  # a mixed-dtype add_ would allocate a converted temporary per block
                 self.acc[b].add_(self.stage[: hi - lo].copy_(p))
 
@@ -436,8 +512,8 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
     b32 = None if bias is None else bias.to(f32)
     k_max = max(1, min(chunk_size, n_valid))
     sub = min(loss.sub_rows, k_max)
-    flat = e.new_empty(k_max * v)
-    work = e.new_empty(sub * v, dtype=f32)
+    flat = workspace((k_max * v,), e.dtype, e.device)
+    work = workspace((sub * v,), f32, e.device)
     loss._head = (e, c, b32)
     try:
         for s, rows, ek in _row_chunks(e, valid, n_valid, k_max):
@@ -588,9 +664,8 @@ def fused_linear_loss(
         n, (v, d) = e.shape[0], c.shape
         v = v if loss.vocab is None else max(loss.vocab.sizes)
         if loss.native:  # half (chunk, V) buffers, after the fp32 sub-block and dC staging ones
-            budget = chunk_budget(n, v, d, e.dtype, target)
-            loss.sub_rows, loss.v_block, work = half_work(v, d, loss.n_buffers, budget)
-            chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_half_buffers, target, 2, work)
+            plan = native_plan(n, v, d, loss.n_buffers, loss.n_half_buffers, target)
+            chunk_size, loss.sub_rows, loss.v_block = plan
         else:
             chunk_size = pick_chunk_size(n, v, d, e.dtype, loss.n_buffers, target)
     return _FusedLinear.apply(e, c, bias, targets, ignore_index, loss, reduction, int(chunk_size))

@@ -7,8 +7,8 @@ function returning the loss, the tensors that receive gradients) and calls ``swe
 peak above the inputs, measured one way for every kernel: on CPU the process's VmHWM (reset to the
 current RSS through /proc/self/clear_refs just before the call) minus its RSS, with glibc serving
 every allocation of 1 MiB or more by mmap so that the peak is the live tensors' peak in every
-process (with its default heap the same chunked loss read 1.07-1.34 x the gradient buffers in
-three identical processes: fragmentation, and resident free heap that VmHWM cannot see); on CUDA
+process (with its default heap the same chunked loss read different peaks in identical
+processes: fragmentation, and resident free heap that VmHWM cannot see); on CUDA
 max_memory_allocated above the allocated bytes before the call. A case runs a first call (one-time
 initialisation, reported apart), a steady second call (its peak is the row's) and ``repeats``
 more; the time is the best of the steady and repeated calls. A case with ``"world": W`` runs in W

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.chunking import ChunkLoss, acc_dtype, fused_linear_loss
+from kernels.chunking import ChunkLoss, acc_dtype, fused_linear_loss, row_indices
 from kernels.vocab_parallel import VocabShard, active, using
 
 # (chunk, V) buffers alive at the peak when autograd differentiates a divergence's per-row
@@ -154,9 +154,7 @@ class DistillationChunk(ChunkLoss):
         """Recompute the rows flagged ``bad`` through the divergence's per-row maths (the
         closed forms overwrote their logits), in place of d (k,) and g (k, V)."""
         idx = bad.nonzero().squeeze(1)
-        if isinstance(rows, slice):
-            rows = torch.arange(rows.start, rows.stop, device=d.device)
-        sub = rows.index_select(0, idx)
+        sub = row_indices(rows, idx)
         s = self.head_logits(sub).div_(self.temperature)
         t = self.teacher_logits(sub, reuse=False).div_(self.temperature)
         kw = {"targets": self.targets.index_select(0, sub)} if self.div.needs_targets else {}

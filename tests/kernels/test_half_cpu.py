@@ -239,33 +239,42 @@ def test_dispatch_on_capability_and_override(monkeypatch, caplog):
         chunking.cpu_half_path(torch.bfloat16)
 
 
-def test_native_chunk_size_counts_half_buffers():
-    """The half (chunk, V) buffers are 2 bytes: twice the rows of the fp32 chunk at one target."""
-    rows32 = chunking.pick_chunk_size(4096, 65536, 512, torch.bfloat16)
-    rows16 = chunking.pick_chunk_size(4096, 65536, 512, torch.bfloat16, buffer_item=2)
-    assert rows16 == 2 * rows32
+@pytest.mark.parametrize("memory_target", [1.25, 2.0])
+def test_native_chunk_size_counts_half_buffers(memory_target):
+    """CE at the main shape: the half (chunk, V) buffer is 2 bytes an element, so after the fp32
+    sub-block and dC staging buffers (16 MiB) it holds at least the fp32 path's chunk rows."""
+    n, v, d = 4096, 65536, 512
+    rows32 = chunking.pick_chunk_size(n, v, d, torch.bfloat16, 1, memory_target)
+    rows, sub, v_block = chunking.native_plan(n, v, d, 1, 1, memory_target)
+    assert (sub, v_block) == (chunking.SUB_ROWS, chunking.V_BLOCK)
+    work = sub * v * 4 + v_block * d * 6
+    assert rows == (rows32 * v * 4 - work) // (v * 2) // 8 * 8
+    assert rows >= rows32
 
 
+@pytest.mark.parametrize("memory_target", [1.25, 2.0])
 @pytest.mark.parametrize("n_buffers", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("v", [1031, 32768, 65536])
-def test_native_work_buffers_stay_inside_the_fp32_budget(n_buffers, v):
-    """The fp32 sub-block and dC staging buffers plus the chunk's half buffers never exceed the
-    budget the fp32 path sizes its chunks by, for divergences with many (s, V) buffers too
-    (KD's JS and AKL): the sub-blocks and dC blocks shrink instead of the budget growing."""
+def test_native_work_buffers_stay_inside_the_fp32_buffers(n_buffers, v, memory_target):
+    """The fp32 sub-block and dC staging buffers plus the chunk's half buffers never take more
+    than the fp32 path's own (chunk, V) buffers at the same memory_target (whose rows are rounded
+    down, so a plan sized by the budget alone overshot them: KD's AKL peaked 1 MB above its fp32
+    run), for divergences with many (s, V) buffers too (KD's JS and AKL): the sub-blocks and dC
+    blocks shrink instead of the budget growing."""
     n, d = 4096, 512
-    budget = chunking.chunk_budget(n, v, d, torch.bfloat16)
-    sub, v_block, work = chunking.half_work(v, d, n_buffers, budget)
-    assert work == sub * v * 4 * n_buffers + min(v_block, v) * d * 6
+    rows32 = chunking.pick_chunk_size(n, v, d, torch.bfloat16, n_buffers, memory_target)
+    fp32_bytes = rows32 * v * 4 * n_buffers
+    assert fp32_bytes <= chunking.chunk_budget(n, v, d, torch.bfloat16, memory_target)
+    rows, sub, v_block = chunking.native_plan(n, v, d, n_buffers, 2, memory_target)
+    work = sub * v * 4 * n_buffers + min(v_block, v) * d * 6
     assert 1 <= sub <= chunking.SUB_ROWS and 1024 <= v_block <= chunking.V_BLOCK
-    assert work <= budget / 2 or sub == 1
-    rows = chunking.pick_chunk_size(n, v, d, torch.bfloat16, 2, buffer_item=2, reserved=work)
-    assert work + rows * v * 2 * 2 <= budget or rows == 1
-    if n_buffers == 1:  # CE at the main shape keeps the full sub-blocks and dC blocks
-        assert (sub, v_block) == (chunking.SUB_ROWS, chunking.V_BLOCK) or v < 65536
+    assert work + rows * v * 2 * 2 <= fp32_bytes or rows == 1 or rows32 == n
+    if n_buffers == 1 and v == 65536:  # CE at the main shape keeps the full blocks
+        assert (sub, v_block) == (chunking.SUB_ROWS, chunking.V_BLOCK)
 
 
 def test_native_kd_sweep_uses_the_planned_sub_blocks(monkeypatch):
-    """A many-buffer divergence on the native path runs with the sub-block rows half_work chose
+    """A many-buffer divergence on the native path runs with the sub-block rows native_plan chose
     (not the SUB_ROWS default): the plan is applied, not just computed."""
     monkeypatch.setenv(chunking.HALF_PATH_ENV, "native")
     seen = []
@@ -282,8 +291,7 @@ def test_native_kd_sweep_uses_the_planned_sub_blocks(monkeypatch):
     c = (torch.randn(v, d, generator=g) * 0.1).bfloat16().requires_grad_()
     loss = chunking.ChunkLoss()
     loss.n_buffers = 8
-    budget = chunking.chunk_budget(n, v, d, torch.bfloat16)
-    sub, v_block, _ = chunking.half_work(v, d, 8, budget)
+    rows, sub, v_block = chunking.native_plan(n, v, d, 8, 1, chunking.MEMORY_TARGET)
     assert sub < chunking.SUB_ROWS  # the shape is chosen so that the plan shrinks
     subs = []
 
