@@ -4,7 +4,9 @@ Measured by the kernels' shared harness (``kernels.bench.harness``: one fresh pr
 peak memory above the inputs, interleaved rounds, one JSON layout). ``params.bench``: N tokens,
 vocabulary V, hidden D, a V ``sweep``, ``repeats`` per process, ``rounds`` (the method list runs
 that many times interleaved at the main V; a row is its median round) and optionally
-``methods``. ``cce_chunked@1.5`` is the chunked path with ``memory_target`` 1.5. Writes
+``methods``. ``cce_chunked@1.5`` is the chunked path with ``memory_target`` 1.5, ``cce_chunked@2/4k`` the same
+at 2 with its CPU work buffers on 4 KiB pages (``KERNELS_CPU_HUGE_PAGES=0``: the A/B of the
+huge-page workspace, ``kernels.chunking.workspace``). Writes
 ``results.json`` (the harness layout; each row adds its time over the 6 N V D flops bound at the
 measured sgemm rate, wall and CPU), ``results.md`` and ``memory_time_vs_v.png`` (on CPU its time
 axis is process CPU time) into ``bench.out``, rewritten after every case. ``bench.vocab_parallel``
@@ -21,6 +23,7 @@ Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXi
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,14 @@ CPU_METHODS = [
 ]
 CUDA_METHODS = CPU_METHODS + ["cce_triton", "peer_cce", "liger"]
 MATERIALISED = {"torch_eager", "torch_lce", "peer_torch_compile"}
-BF16_METHODS = ["cce_chunked", "cce_chunked@2", "peer_torch_compile", "torch_eager"]
+BF16_METHODS = [
+    "cce_chunked",
+    "cce_chunked@2",
+    "cce_chunked@2/4k",
+    "peer_torch_compile",
+    "torch_eager",
+]
+SMALL_PAGES = "/4k"  # cce_chunked[@t]/4k: work buffers on 4 KiB pages (KERNELS_CPU_HUGE_PAGES=0)
 BF16 = {"dtype": "bfloat16"}
 MAX_LOGITS_GB = 6.0  # materialising methods are skipped above 3 x N x V x 4 bytes
 MODULE = "projects.cce.bench"  # the harness's workers run ``python -m MODULE --worker ...``
@@ -51,9 +61,10 @@ MODULE = "projects.cce.bench"  # the harness's workers run ``python -m MODULE --
 
 def loss_fn(name: str):
     """(e, c, targets) -> scalar mean loss for the named implementation."""
-    if name == "cce_chunked" or name.startswith("cce_chunked@"):
+    if name == "cce_chunked" or name.startswith(("cce_chunked@", "cce_chunked/")):
         from core.losses.linear_ce import linear_cross_entropy
 
+        name = name.removesuffix(SMALL_PAGES)
         target = float(name.split("@", 1)[1]) if "@" in name else None
         return lambda e, c, t: linear_cross_entropy(e, c, t, impl="chunked", memory_target=target)
     if name == "cce_triton":
@@ -87,6 +98,10 @@ def build(case: dict):
     n, v, d = case["n"], case["v"], case["d"]
     if case["method"] == VOCAB_PARALLEL:
         return _build_vocab_parallel(n, v, d, dev)
+    if case["method"].endswith(SMALL_PAGES):  # this worker process only
+        from kernels.chunking import HUGE_PAGES_ENV
+
+        os.environ[HUGE_PAGES_ENV] = "0"
     fn = loss_fn(case["method"])
     dt = getattr(torch, case.get("dtype", "float32"))
     e = (torch.randn(n, d, device=dev) / d**0.25).to(dt).requires_grad_()
@@ -288,7 +303,8 @@ def bf16_markdown(rows: list[dict], meta: dict) -> str:
         f"{b['gemm_gflops_per_cpu_s']:.1f} per CPU-second (6NVD bound at V={meta['v']}: "
         f"{b['bound_s']:.3f} s); at V={meta['v']} {b['rounds']} interleaved rounds, a row "
         "shows its median round; x peer: over the fastest non-cce method at that V (time) and "
-        "its peak (memory).\n\n"
+        "its peak (memory); @t: memory_target t; /4k: the work buffers on 4 KiB pages instead "
+        "of transparent huge pages (KERNELS_CPU_HUGE_PAGES=0).\n\n"
         "| method | V | fwd+bwd s | x bf16 6NVD bound | CPU s | x CPU bound | peak MB above "
         "inputs | x bf16 grad buffers | x peer time | x peer memory | fwd+bwd s per round |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"

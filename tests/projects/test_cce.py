@@ -323,6 +323,52 @@ def test_report_table_agreement_metrics_and_readme(tmp_path):
         build_report(params, readme)
 
 
+def test_report_bf16_targets(tmp_path):
+    """Issue 18's verdicts come from the bf16 rows: per-round medians against the fastest peer
+    (here peer_torch_compile, faster than torch_eager), memory over that peer's peak, the bf16
+    bound; a variant that misses one target says so."""
+    results, bench = tmp_path / "results", tmp_path / "results" / "bench"
+    _write_run(results, "torch", 4.0)
+    _write_run(results, "cce", 4.0)
+    _bench(bench)
+    doc = json.loads((bench / "results.json").read_text())
+    walls = {"cce_chunked@2": (1.0, 1.3, 1.1), "cce_chunked": (1.4, 1.5, 1.6),
+             "peer_torch_compile": (1.2, 1.25, 1.1), "torch_eager": (2.0, 2.1, 2.2)}  # fmt: skip
+    peaks = {"cce_chunked@2": 280, "cce_chunked": 170, "peer_torch_compile": 580,
+             "torch_eager": 3000}  # fmt: skip
+    doc["bf16"] = []
+    for method, w in walls.items():
+        row = {
+            "method": method,
+            "v": 16,
+            "fwd_bwd_s": sorted(w)[1],
+            "peak_mem_bytes": peaks[method],
+        }
+        row |= {"fwd_bwd_cpu_s": 2 * row["fwd_bwd_s"], "cpu_time_vs_bound": 1.2}
+        row |= {"time_vs_bound": 1.15 if method == "cce_chunked@2" else 1.35}
+        row["rounds"] = [{"fwd_bwd_s": x, "fwd_bwd_cpu_s": 2 * x} for x in w]
+        doc["bf16"].append(row)
+    (bench / "results.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    params = {"paths": {"results": str(results)}, "bench": {"out": str(bench)}}
+    params["report"] = {"readme": str(readme), "readme_section": "results", "agreement_tol": 0.01}
+    build_report(params, readme)
+    t = json.loads((results / "report.json").read_text())["bf16_targets"]
+    assert set(t) == {"cce_chunked@2", "cce_chunked"}
+    two = t["cce_chunked@2"]
+    # rounds: 1.0/1.2, 1.3/1.25, 1.1/1.1 -> median 1.0; CPU the same ratios
+    assert two["vs_fastest_peer"]["wall_median"] == pytest.approx(1.0)
+    assert two["mem_vs_peer"] == pytest.approx(280 / 580)
+    assert two["met"] == {"memory": True, "bound": True, "peer": True}
+    assert t["cce_chunked"]["met"] == {"memory": True, "bound": False, "peer": False}
+    text = readme.read_text()
+    assert "bf16 targets at V=16 (issue 18" in text
+    assert "- `cce_chunked@2`: vs the fastest peer (peer_torch_compile): median 1.000 x" in text
+    assert "peak memory 0.48 x the peer's" in text and "(target <= 0.5: met)" in text
+    assert "1.35 x the bf16 6NVD bound" in text and "(target <= 1.3: NOT met)" in text
+
+
 def test_headline_metrics_without_peer_timings():
     runs = {i: {"final_val_loss": 1.0, "final_val_ppl": math.e} for i in ("torch", "cce")}
     runs = {i: r | {"tokens_per_s": None, "peak_memory_mb": 9.0} for i, r in runs.items()}
