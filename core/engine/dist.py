@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -25,7 +25,9 @@ __all__ = [
     "is_distributed",
     "is_global_zero",
     "launched_world_size",
+    "pool_size",
     "processes",
+    "rank_loader",
     "world_size",
 ]
 
@@ -119,7 +121,7 @@ def check_pool(workers: int, trainer_cfg: Mapping[str, Any] | None, what: str = 
     ``machine.workers`` > 1 with a distributed ``trainer:`` block set in params is refused
     (ValueError naming both settings): each pool worker would launch the strategy again.
     Launched from outside as one of several ranks (torchrun, srun) with params that ask for no
-    strategy, the runs go in this process, one at a time (logged once): returns 1.
+    strategy, the runs go in this process, one at a time (logged): returns :func:`pool_size`.
     """
     if workers <= 1:
         return workers
@@ -133,12 +135,19 @@ def check_pool(workers: int, trainer_cfg: Mapping[str, Any] | None, what: str = 
             f"(--workers 1) to train each run on all ranks, or {what}.devices=1 to run "
             "independent runs side by side"
         )
-    if launched_world_size() > 1:
+    if pool_size(workers) < workers:
         _log.info(
             "launched as rank %d of %d: runs go one at a time", global_rank(), launched_world_size()
         )
-        return 1
-    return workers
+    return pool_size(workers)
+
+
+def pool_size(workers: int) -> int:
+    """Processes a pool of ``workers`` may spawn here: 1 (the runs go in this process, one at a
+    time) inside one rank of several launched from outside (torchrun, srun), where a pool per
+    rank would multiply the processes; else ``workers``. The one home of that rule
+    (``core.utils.parallel``'s pools and :func:`check_pool` ask it)."""
+    return 1 if launched_world_size() > 1 else workers
 
 
 def world_size(trainer_cfg: Mapping[str, Any] | None) -> int:
@@ -146,3 +155,40 @@ def world_size(trainer_cfg: Mapping[str, Any] | None) -> int:
     (torchrun, srun) when ``devices`` is left to Lightning ("auto")."""
     n = processes(trainer_cfg)
     return n if n is not None else launched_world_size()
+
+
+def rank_loader(
+    make_dataset: Callable[[list], Any],
+    batches: Sequence[Any],
+    world: int,
+    *,
+    rows: Callable[[Any], int] = len,
+    shard: Callable[[Any, int, int], Any] = lambda b, rank, world: b[rank::world],
+    even: bool = False,
+) -> Any:
+    """A DataLoader over precomputed batches, in order, no collation: ``make_dataset(items)``
+    is a Dataset whose item i is batch i.
+
+    Over ``world`` > 1 training processes every batch is the global one and this rank
+    (:func:`global_rank`) loads ``shard(batch, rank, world)`` (default its rows r, r + world,
+    ...), so across the ranks step k sees the 1-process step-k batch. Each batch needs at
+    least one row per process and, with ``even`` (training batches, whose gradient mean DDP
+    averages over the ranks), a multiple of ``world`` rows: else ValueError naming the sizes.
+    The sampler is a one-replica DistributedSampler in order, so Lightning injects none of
+    its own (it would deal whole batches to the ranks, shuffled for training).
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if world == 1:
+        return DataLoader(make_dataset(list(batches)), batch_size=None, shuffle=False)
+    bad = sorted({rows(b) for b in batches if rows(b) < world or (even and rows(b) % world)})
+    if world < 1 or bad:
+        raise ValueError(
+            f"batches of {bad} rows do not split over {world} training processes (trainer."
+            "devices x num_nodes; training batches: a multiple of them, others: at least one "
+            "row each): change the batch size or the number of processes"
+        )
+    rank = global_rank()
+    data = make_dataset([shard(b, rank, world) for b in batches])
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=False)
+    return DataLoader(data, batch_size=None, sampler=sampler)

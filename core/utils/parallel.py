@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from core.engine.dist import launched_world_size
+from core.engine.dist import pool_size
 
 __all__ = ["imap_processes", "map_processes"]
 
@@ -43,7 +43,7 @@ def map_processes(
     """
     if workers < 1 or threads < 1:
         raise ValueError(f"workers and threads must be >= 1, got {workers} and {threads}")
-    if workers == 1 or len(items) <= 1 or launched_world_size() > 1:
+    if pool_size(workers) == 1 or len(items) <= 1:
         return [_call(fn, threads, item, args) for item in items]
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx) as pool:
@@ -81,7 +81,7 @@ def imap_processes(
     ``init`` must be module-level functions. ``workers <= 1`` (or one rank of several) runs
     here, in order.
     """
-    if workers <= 1 or len(items) <= 1 or launched_world_size() > 1:
+    if pool_size(workers) <= 1 or len(items) <= 1:
         previous = torch.get_num_threads()
         _init_worker(threads, init, init_args)
         try:

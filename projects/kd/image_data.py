@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from core.data.fashion_mnist import load_fashion_mnist
-from core.engine.dist import global_rank
+from core.engine.dist import rank_loader
 
 DEFAULT_FMNIST = Path("datasets/fashion-mnist/processed")
 N_CLASSES = 10
@@ -90,27 +90,11 @@ class IndexBatches(Dataset):
 def loader(
     tensors: Sequence[Tensor], batches: Sequence[Tensor], world: int = 1, train: bool = True
 ) -> DataLoader:
-    """A DataLoader over :class:`IndexBatches` (main process; the data is in memory).
-
-    Over ``world`` ranks every index batch is the global one and this rank
-    (:func:`global_rank`) loads its rows r, r + world, ...: across the ranks step k sees the
-    1-process step-k batch. Training batches must split evenly (``train``), so the gradient
-    mean DDP takes over the ranks is the 1-process mean. The sampler is then a one-replica
-    DistributedSampler in order, so Lightning injects none (it would deal whole batches to the
-    ranks, shuffled for training).
+    """A DataLoader over :class:`IndexBatches` (main process; the data is in memory); over
+    ``world`` ranks each loads its rows of every global batch (``core.engine.dist.rank_loader``;
+    training batches, ``train``, must split evenly so DDP's gradient mean is the 1-process one).
     """
-    if world == 1:
-        return DataLoader(IndexBatches(tensors, batches), batch_size=None, shuffle=False)
-    uneven = sorted({len(b) for b in batches if len(b) < world or (train and len(b) % world)})
-    if world < 1 or uneven:
-        raise ValueError(
-            f"batches of {uneven} rows do not split over {world} training processes "
-            "(training batches: a multiple of them; others: at least one row each)"
-        )
-    rank = global_rank()
-    data = IndexBatches(tensors, [b[rank::world] for b in batches])
-    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=False)
-    return DataLoader(data, batch_size=None, sampler=sampler)
+    return rank_loader(lambda bs: IndexBatches(tensors, bs), batches, world, even=train)
 
 
 def eval_loader(tensors: Sequence[Tensor], batch_size: int = 1000, world: int = 1) -> DataLoader:

@@ -17,10 +17,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 
-from core.engine.dist import global_rank
+from core.engine.dist import rank_loader
 from core.engine.trainer import ShardingAware
 from core.losses import linear_cross_entropy, linear_kd_loss
 from core.models.gpt import GPT, GPTConfig
@@ -70,25 +70,12 @@ class _Batches(Dataset):
 
 
 def batch_loader(batches: Sequence[tuple[Tensor, Tensor]], world: int = 1) -> DataLoader:
-    """The given (x, y) batches, in order, as a DataLoader (no collation).
-
-    Over ``world`` ranks every batch is the global one: this rank (:func:`global_rank`) loads
-    its rows r, r + world, ... of each, so step k sees the 1-process step-k batch across the
-    ranks. The loader's sampler is then a one-replica DistributedSampler in order, so Lightning
-    injects no sampler of its own (it would deal whole batches to the ranks, shuffled).
-    """
-    if world == 1:
-        return DataLoader(_Batches(batches), batch_size=None, shuffle=False)
-    short = [len(x) for x, _ in batches if len(x) < world]
-    if world < 1 or short:
-        raise ValueError(
-            f"every batch must have at least one row per training process (world {world}); "
-            f"got batches of {short} rows: raise the batch size or lower trainer.devices"
-        )
-    rank = global_rank()
-    data = _Batches([(x[rank::world], y[rank::world]) for x, y in batches])
-    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=False)
-    return DataLoader(data, batch_size=None, sampler=sampler)
+    """The given (x, y) batches, in order, as a DataLoader (no collation); over ``world`` ranks
+    each loads its rows of every batch (``core.engine.dist.rank_loader``)."""
+    return rank_loader(
+        _Batches, batches, world,
+        rows=lambda b: len(b[0]), shard=lambda b, r, w: (b[0][r::w], b[1][r::w]),
+    )  # fmt: skip
 
 
 def split_run(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

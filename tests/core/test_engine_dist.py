@@ -86,6 +86,33 @@ def test_check_pool_under_an_external_launch_runs_one_at_a_time(env):
     assert dist.check_pool(2, {"devices": 1, "strategy": "auto"}) == 1
 
 
+def test_pool_size_is_the_one_rule(env):
+    """A launched rank gets a pool of 1, a plain run its count; check_pool answers the same."""
+    assert dist.pool_size(4) == 4 == dist.check_pool(4, {"devices": 1})
+    env(RANK=0, WORLD_SIZE=2)
+    assert dist.pool_size(4) == 1 == dist.check_pool(4, {"devices": 1})
+
+
+def test_rank_loader_splits_each_global_batch(env):
+    """Over 2 ranks, rank 1 loads rows 1, 3, ... of every batch, in order; training batches
+    (even) must be a multiple of the world, others at least one row per rank; one process
+    gets the batches whole."""
+    batches = [torch.arange(4) * 10, torch.arange(6) + 100]
+    whole = list(dist.rank_loader(list, batches, 1))
+    assert [b.tolist() for b in whole] == [b.tolist() for b in batches]
+    env(RANK=1, WORLD_SIZE=2)
+    got = [b.tolist() for b in dist.rank_loader(list, batches, 2, even=True)]
+    assert got == [[10, 30], [101, 103, 105]]
+    pairs = [(torch.arange(3), torch.arange(3) + 5)]
+    shard = lambda b, r, w: (b[0][r::w], b[1][r::w])  # noqa: E731
+    ((x, y),) = list(dist.rank_loader(list, pairs, 2, rows=lambda b: len(b[0]), shard=shard))
+    assert x.tolist() == [1] and y.tolist() == [6]
+    with pytest.raises(ValueError, match=r"batches of \[3\] rows do not split over 2"):
+        dist.rank_loader(list, [torch.arange(3)], 2, even=True)
+    with pytest.raises(ValueError, match=r"batches of \[1\] rows"):
+        dist.rank_loader(list, [torch.arange(1)], 2)
+
+
 def _pid(x, *_):
     return os.getpid()
 
