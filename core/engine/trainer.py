@@ -72,6 +72,7 @@ TRAINER_KEYS = frozenset(
         "num_sanity_val_steps",
         "enable_progress_bar",
         "enable_model_summary",
+        "sync_batchnorm",
     }
 )
 FABRIC_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "precision"})
@@ -163,6 +164,23 @@ def _checked(cfg: Mapping[str, Any] | None, allowed: frozenset[str], what: str) 
     return cfg
 
 
+def _check_sync_batchnorm(cfg: Mapping[str, Any]) -> None:
+    """``sync_batchnorm: true`` (BatchNorm statistics over every rank under DDP, so a BN model
+    on W processes normalises like one process; no effect on one device) needs GPU/XPU
+    devices: torch's SyncBatchNorm refuses CPU tensors, so a CPU trainer is refused here by name
+    rather than in the first forward. Without it, BN layers use per-rank batch statistics."""
+    if not cfg.get("sync_batchnorm"):
+        return
+    accelerator = cfg.get("accelerator", "auto")
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu:
+        raise ValueError(
+            "trainer.sync_batchnorm=True needs GPU devices (torch's SyncBatchNorm refuses CPU "
+            f"tensors), got accelerator={accelerator!r} on this machine: set it in a GPU "
+            "variant, or leave it false (per-rank BatchNorm statistics)"
+        )
+
+
 class EpochLine(Callback):
     """One line per finished epoch and per validation: ``[name] epoch 2/8 step 160 · metric
     value ... · 12.3 s``, for logs and CI where a progress bar would be noise."""
@@ -242,6 +260,7 @@ def build_trainer(
     bar shows on a terminal; elsewhere :class:`EpochLine` prints one line per epoch.
     """
     cfg = _checked({**dict(cfg or {}), **overrides}, TRAINER_KEYS, "trainer")
+    _check_sync_batchnorm(cfg)
     cfg["strategy"] = strategy(cfg, fsdp_wrap)
     tty = interactive()
     cfg.setdefault("enable_progress_bar", tty)

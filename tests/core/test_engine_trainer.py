@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from core.engine.trainer import Run, build_fabric, build_trainer, fit, seed_everything
+from core.engine.trainer import (
+    TRAINER_KEYS,
+    Run,
+    _check_sync_batchnorm,
+    build_fabric,
+    build_trainer,
+    fit,
+    seed_everything,
+)
 from tests.core.engine_probe import probe_repo
 
 CFG = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -24,6 +32,20 @@ def _loader():
 def test_unknown_trainer_key_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown trainer keys \['max_epoch'\]"):
         build_trainer({"max_epoch": 3}, tmp_path)
+
+
+def test_sync_batchnorm_is_a_key_and_needs_gpus(tmp_path, monkeypatch):
+    """sync_batchnorm is a trainer key: false builds, true on a CPU trainer is refused by name
+    (torch's SyncBatchNorm refuses CPU tensors), true with a GPU accelerator passes the check."""
+    assert "sync_batchnorm" in TRAINER_KEYS
+    t = build_trainer({**CFG, "sync_batchnorm": False}, tmp_path, logger=False)
+    assert t is not None
+    with pytest.raises(ValueError, match="trainer.sync_batchnorm=True needs GPU devices"):
+        build_trainer({**CFG, "sync_batchnorm": True}, tmp_path, logger=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="accelerator='auto'"):
+        _check_sync_batchnorm({"sync_batchnorm": True, "accelerator": "auto"})
+    _check_sync_batchnorm({"sync_batchnorm": True, "accelerator": "gpu"})
 
 
 def test_interrupted_run_resumes_when_its_identity_holds(tmp_path, monkeypatch):
