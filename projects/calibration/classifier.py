@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from core.calibration import ExpectedCalibrationError, NegativeLogLikelihood
@@ -99,8 +100,9 @@ class LossClassifier(L.LightningModule):
         self.val_nll = NegativeLogLikelihood()
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
         self.history: dict[int, dict[str, float]] = {}
-        self._loss_sum: Tensor | float = 0.0
-        self._seen = 0
+        # the epoch's mean training loss, weighted by batch size, synced over the ranks by
+        # compute() under DDP (Trainer or Fabric); fp64 sums, no host sync per step
+        self.train_loss = MeanMetric().set_dtype(torch.float64)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -128,23 +130,16 @@ class LossClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = self.batch_loss(x, y)
-        self._loss_sum = self._loss_sum + loss.detach() * len(y)  # no host sync per step
-        self._seen += len(y)
+        self.train_loss.update(loss.detach(), weight=len(y))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def end_epoch(self, epoch: int) -> None:
         """Close epoch ``epoch`` (0-based) in ``history``: the mean training loss (over every
         rank's batches under DDP, Trainer or Fabric alike; every rank calls this)."""
-        td = torch.distributed
-        if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
-            loss_seen = [float(self._loss_sum), self._seen]
-            total = torch.tensor(loss_seen, dtype=torch.float64, device=self.device)
-            td.all_reduce(total)  # sum of losses x batch sizes, images seen
-            self._loss_sum, self._seen = total[0], int(total[1])
-        if self._seen:
-            self.history.setdefault(epoch, {})["train_loss"] = float(self._loss_sum) / self._seen
-        self._loss_sum, self._seen = 0.0, 0
+        if self.train_loss.update_called:
+            self.history.setdefault(epoch, {})["train_loss"] = float(self.train_loss.compute())
+        self.train_loss.reset()
 
     def on_train_epoch_end(self) -> None:
         self.end_epoch(self.current_epoch)

@@ -195,7 +195,7 @@ def _end_epoch_worker(rank: int, init: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     module = LossClassifier(mlp(4, [8], 2), {"fn": "ce"}, lr=0.1, n_classes=2, n_bins=5)
     # rank 0: 3 images of mean loss 1.0; rank 1: 1 image of loss 5.0 -> mean over ranks 2.0
-    module._loss_sum, module._seen = torch.tensor([3.0, 5.0][rank]), [3, 1][rank]
+    module.train_loss.update(torch.tensor([1.0, 5.0][rank]), weight=[3, 1][rank])
     module.end_epoch(0)
     Path(out, f"{rank}.json").write_text(json.dumps(module.history[0]))
     torch.distributed.destroy_process_group()
