@@ -15,7 +15,7 @@ shard of the vocabulary rows; the chunk maths combine their row statistics over 
 core sizes the chunks alike on every rank and all-reduces dE; dC stays local.
 fp16/bf16 on CPU (``half_path``): where the CPU has matrix instructions for the dtype the
 native half path runs the GEMMs in the input dtype and the chunk maths in fp32 on small
-sub-blocks (``_sweep_half``), with dC accumulated in fp32 and no fp32 copies of e or c; elsewhere
+sub-blocks (``_sweep_half``), with dE and dC summed in fp32 and no fp32 copies of e or c; elsewhere
 (and for vocabulary shards) the inputs are upcast to fp32 once (the upcast path).
 
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv:2411.09009;
@@ -46,6 +46,7 @@ MIN_CHUNK_BUDGET_BYTES = 8 << 20
 # work buffer; dC accumulates in fp32 blocks of V_BLOCK vocabulary rows.
 SUB_ROWS = 16
 V_BLOCK = 4096
+DE_ROW_BYTES = 2 + 4 + 4  # per chunk row and D column: dE's half GEMM block, its fp32 copy and sum
 HALF_PATH_ENV = "KERNELS_CPU_HALF_PATH"  # "upcast" | "native": overrides the capability check
 HALF_PATHS = ("upcast", "native")
 HALF_FLAGS = {
@@ -137,7 +138,7 @@ def workspace(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.T
     storage would be larger than they are).
     """
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < HUGE_MIN_BYTES or not huge_pages_enabled():
         return torch.empty(shape, dtype=dtype, device=device)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
@@ -207,8 +208,9 @@ def rows_within(budget: float, n: int, row_bytes: int) -> int:
 def native_plan(
     n: int, v: int, d: int, n_buffers: int, n_half_buffers: int, memory_target: float
 ) -> tuple[int, int, int]:
-    """(chunk rows, sub_rows, v_block) of the native half path: its work buffers (``half_work``)
-    and ``n_half_buffers`` (chunk, V) 2-byte buffers inside ``chunk_budget``, and where the fp32
+    """(chunk rows, sub_rows, v_block) of the native half path: its work buffers (``half_work``),
+    ``n_half_buffers`` (chunk, V) 2-byte buffers and the (chunk, D) dE buffers (DE_ROW_BYTES a
+    row and column, ``_HalfGrads``) inside ``chunk_budget``, and where the fp32
     path's chunk is bound by memory (fewer rows than n) inside what its ``n_buffers`` (chunk, V)
     fp32 buffers actually take (their rows rounded down to 8): so the native path never outgrows
     the fp32 path's peak."""
@@ -217,7 +219,7 @@ def native_plan(
     if rows32 < n:
         budget = rows32 * v * 4 * n_buffers
     sub, v_block, work = half_work(v, d, n_buffers, budget)
-    return rows_within(budget - work, n, v * 2 * n_half_buffers), sub, v_block
+    return rows_within(budget - work, n, v * 2 * n_half_buffers + DE_ROW_BYTES * d), sub, v_block
 
 
 def half_work(v: int, d: int, n_buffers: int, budget: float) -> tuple[int, int, int]:
@@ -409,6 +411,15 @@ def _write_de(de: torch.Tensor, de_tmp, g: torch.Tensor, c: torch.Tensor, rows) 
         de.index_copy_(0, rows, de_tmp[:k])
 
 
+def _store_de(de: torch.Tensor, de_tmp, de_k: torch.Tensor, rows) -> None:
+    """dE[rows] = de_k (k, D), rounded to dE's dtype, through the staging buffer for index rows."""
+    if de_tmp is None:
+        de[rows].copy_(de_k)
+    else:
+        k = de_k.shape[0]
+        de.index_copy_(0, rows, de_tmp[:k].copy_(de_k))
+
+
 def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, want, native=False):
     """One pass over the valid rows: per-row outputs (N,) each (0 on other rows) and, with
     ``weights`` (one (n_valid,) tensor or None per output), the gradients (dE, dC, dbias) of
@@ -456,33 +467,55 @@ def _sweep(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights, wan
     return outs, (de, dc, db)
 
 
-class _HalfGradC:
-    """dC (V, D) of the native half path: each chunk's bf16/fp16 GEMM g^T e_k, ``v_block``
-    vocabulary rows at a time, added into fp32 blocks (allocated at the first chunk); rounded
-    to the input dtype once, by ``result``."""
+class _HalfGrads:
+    """The GEMM gradients of the native half path, one pass over ``v_block``-row vocabulary
+    blocks of each chunk's logit gradient g (k, V) (input dtype): dC[blk] += g[:, blk]^T e_k
+    into fp32 blocks (allocated at the first chunk, rounded to the input dtype once by
+    ``result``) and dE_k = sum_blk g[:, blk] c[blk] summed in fp32 (``add`` returns it), both
+    as half GEMMs with fp32 accumulation inside. Blocking dE this way keeps each g block in
+    cache for its two GEMMs and avoids oneDNN's slower K = V reduction (kernels/README.md)."""
 
-    def __init__(self, c: torch.Tensor, v_block: int = V_BLOCK) -> None:
+    def __init__(
+        self, c: torch.Tensor, v_block: int = V_BLOCK, k_max: int = 0, dc: bool = True
+    ) -> None:
         v, d = c.shape
-        self.like = c
+        self.c, self.dc = c, dc
         self.blocks = [(lo, min(lo + v_block, v)) for lo in range(0, v, v_block)]
         self.acc: list = [None] * len(self.blocks)
-        vb = min(v_block, v)
-        self.part = workspace((vb, d), c.dtype, c.device)  # the GEMM's half output
+        vb = min(v_block, v) if dc else 0
+        self.part = workspace((vb, d), c.dtype, c.device)  # a dC GEMM's half output
         self.stage = workspace((vb, d), torch.float32, c.device)  # fp32 copy: same-dtype add_
+        # dE_k: the half GEMM output, its fp32 copy and the fp32 sum ((k_max, D) each)
+        self.de = [
+            workspace((k_max, d), dt, c.device) for dt in (c.dtype, torch.float32, torch.float32)
+        ]
 
-    def add(self, g: torch.Tensor, ek: torch.Tensor) -> None:
-        """acc += g^T ek for one chunk: g (k, V), ek (k, D), both in the input dtype."""
+    def add(self, g: torch.Tensor, ek: torch.Tensor) -> torch.Tensor | None:
+        """dC += g^T ek for one chunk (g (k, V), ek (k, D), input dtype); returns its dE_k
+        (k, D) in fp32 (a work buffer, valid until the next call), or None if k_max was 0."""
+        k = g.shape[0]
+        want_de = self.de[0].shape[0] >= k > 0
+        part_de, stage_de, de = (x[:k] for x in self.de)
         for b, (lo, hi) in enumerate(self.blocks):
-            p = torch.mm(g[:, lo:hi].T, ek, out=self.part[: hi - lo])
-            if self.acc[b] is None:
-                self.acc[b] = workspace(p.shape, torch.float32, p.device).copy_(p)
-            else:  # a mixed-dtype add_ would allocate a converted temporary per block
-                self.acc[b].add_(self.stage[: hi - lo].copy_(p))
+            gb = g[:, lo:hi]
+            if self.dc:
+                p = torch.mm(gb.T, ek, out=self.part[: hi - lo])
+                if self.acc[b] is None:
+                    self.acc[b] = workspace(p.shape, torch.float32, p.device).copy_(p)
+                else:  # a mixed-dtype add_ would allocate a converted temporary per block
+                    self.acc[b].add_(self.stage[: hi - lo].copy_(p))
+            if want_de:
+                q = torch.mm(gb, self.c[lo:hi], out=part_de)
+                if b == 0:
+                    de.copy_(q)
+                else:
+                    de.add_(stage_de.copy_(q))
+        return de if want_de else None
 
     def result(self, scale: float = 1.0) -> torch.Tensor:
         """scale x dC in the input dtype; the fp32 blocks are freed as they are rounded."""
-        self.part = self.stage = None
-        out = torch.empty_like(self.like)
+        self.part = self.stage = self.de = None
+        out = torch.empty_like(self.c)
         for b, (lo, hi) in enumerate(self.blocks):
             acc, self.acc[b] = self.acc[b], None
             if acc is None:
@@ -496,21 +529,21 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
     """``_sweep`` for fp16/bf16 e, c kept in their dtype (no fp32 copies): per chunk one half
     GEMM into a (k, V) half buffer; ``loss.sub_rows`` rows at a time are copied into an fp32 (s, V)
     work buffer (cache-sized), go through ``loss.chunk`` in fp32 (with the bias added in fp32)
-    and their logit gradient is rounded once back into the half buffer; then dE = g c (half
-    GEMM, fp32 accumulation inside), dC += g^T e_k into fp32 blocks (``_HalfGradC``), dbias
-    summed in fp32 from the unrounded gradient. Outputs fp32; dC returned as a ``_HalfGradC``."""
+    and their logit gradient is rounded once back into the half buffer; then one pass over the
+    vocabulary blocks of g gives dE_k = g c and dC += g^T e_k, both summed in fp32
+    (``_HalfGrads``), dbias summed in fp32 from the unrounded gradient. Outputs fp32; dC returned
+    as a ``_HalfGrads``."""
     n, v = e.shape[0], c.shape[0]
     f32 = torch.float32
     outs = [e.new_zeros(n, dtype=f32) for _ in range(loss.n_outputs)]
     de, de_tmp = _de_buffers(e, valid, n_valid, chunk_size, weights is not None and want[0])
-    dc = db = None
-    if weights is not None:
-        if want[1]:
-            dc = _HalfGradC(c, loss.v_block)
-        if want[2] and bias is not None:
-            db = bias.new_zeros(v, dtype=f32)
+    grads = db = None
+    if weights is not None and want[2] and bias is not None:
+        db = bias.new_zeros(v, dtype=f32)
     b32 = None if bias is None else bias.to(f32)
     k_max = max(1, min(chunk_size, n_valid))
+    if weights is not None and (want[0] or want[1]):
+        grads = _HalfGrads(c, loss.v_block, k_max if de is not None else 0, dc=want[1])
     sub = min(loss.sub_rows, k_max)
     flat = workspace((k_max * v,), e.dtype, e.device)
     work = workspace((sub * v,), f32, e.device)
@@ -541,20 +574,20 @@ def _sweep_half(e, c, bias, loss: ChunkLoss, valid, n_valid, chunk_size, weights
                         db.add_(g.sum(0))
             if weights is None:
                 continue
-            if de is not None:
-                _write_de(de, de_tmp, z16, c, rows)
-            if dc is not None:
-                dc.add(z16, ek)
+            if grads is not None:
+                de_k = grads.add(z16, ek)
+                if de is not None:
+                    _store_de(de, de_tmp, de_k, rows)
     finally:
         loss.release()
         loss.__dict__.pop("sub_block", None)
-    return outs, (de, dc, db)
+    return outs, (de, grads if want[1] else None, db)
 
 
 def _half_grads(grads: tuple, scale: float = 1.0) -> tuple:
     """(dE, dC, dbias) with a native sweep's fp32 dC blocks rounded (scale folded in first)."""
     de, dc, db = grads
-    return de, (dc.result(scale) if isinstance(dc, _HalfGradC) else dc), db
+    return de, (dc.result(scale) if isinstance(dc, _HalfGrads) else dc), db
 
 
 def _reduce_de(loss: ChunkLoss, grads: tuple) -> None:
@@ -599,7 +632,7 @@ class _FusedLinear(torch.autograd.Function):
                 raise RuntimeError("fused linear loss (chunked): backward called twice")
             grads, ctx.grads = ctx.grads, None  # hand the buffers over without a copy
             g = float(g_loss)
-            scaled = isinstance(grads[1], _HalfGradC)  # native: g folded in before rounding
+            scaled = isinstance(grads[1], _HalfGrads)  # native: g folded in before rounding
             grads = _half_grads(grads, g)
             if g != 1.0:
                 for i, buf in enumerate(grads):

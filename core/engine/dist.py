@@ -135,11 +135,12 @@ def check_pool(workers: int, trainer_cfg: Mapping[str, Any] | None, what: str = 
             f"(--workers 1) to train each run on all ranks, or {what}.devices=1 to run "
             "independent runs side by side"
         )
-    if pool_size(workers) < workers:
+    size = pool_size(workers)
+    if size < workers:
         _log.info(
             "launched as rank %d of %d: runs go one at a time", global_rank(), launched_world_size()
         )
-    return pool_size(workers)
+    return size
 
 
 def pool_size(workers: int) -> int:
