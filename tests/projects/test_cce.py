@@ -302,6 +302,15 @@ def test_report_table_agreement_metrics_and_readme(tmp_path):
     assert "(target <= 1.3: met)" in text
     assert "median 1.050 x wall time" in text and "faster in 1 of 3" in text
     assert "(target <= 1.0: NOT met)" in text
+    # the paired claim over the rounds: 100 ln(peer / ours) = -5.13, +2.53, -4.88 (by hand):
+    # mean -2.49, sd 4.35, se 2.51; t(0.975, 2) = 4.3027 -> CI -13.30 to 8.32: inconclusive
+    claim = json.loads((results / "report.json").read_text())["bench_targets"]
+    claim = claim["cce_chunked@1.5"]["vs_fastest_peer"]["speed_claim"]
+    assert claim["verdict"] == "inconclusive" and claim["n"] == 3
+    assert claim["mean"] == pytest.approx(-2.492, abs=1e-3)
+    assert claim["se"] == pytest.approx(2.513, abs=1e-3)
+    assert (claim["ci_low"], claim["ci_high"]) == pytest.approx((-13.305, 8.320), abs=2e-3)
+    assert "100 ln(peer / ours) paired over the rounds: inconclusive: -2.5 ± 2.5 %" in text
     report_json = json.loads((results / "report.json").read_text())
     assert report_json["bench_targets"]["cce_chunked@1.5"]["met"] == {
         "memory": True,
