@@ -288,11 +288,11 @@ def test_native_chunk_size_counts_half_buffers(memory_target):
 @pytest.mark.parametrize("n_buffers", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("v", [1031, 32768, 65536])
 def test_native_work_buffers_stay_inside_the_fp32_buffers(n_buffers, v, memory_target):
-    """The fp32 sub-block and dC staging buffers plus the chunk's half and dE buffers never take more
-    than the fp32 path's own (chunk, V) buffers at the same memory_target (whose rows are rounded
-    down, so a plan sized by the budget alone overshot them: KD's AKL peaked 1 MB above its fp32
-    run), for divergences with many (s, V) buffers too (KD's JS and AKL): the sub-blocks and dC
-    blocks shrink instead of the budget growing."""
+    """The fp32 sub-block and dC staging buffers plus the chunk's half and dE buffers never take
+    more than the fp32 path's own (chunk, V) buffers at the same memory_target (whose rows are
+    rounded down, so a plan sized by the budget alone overshot them: KD's AKL peaked 1 MB above
+    its fp32 run), for divergences with many (s, V) buffers too (KD's JS and AKL): the sub-blocks
+    and dC blocks shrink instead of the budget growing."""
     n, d = 4096, 512
     rows32 = chunking.pick_chunk_size(n, v, d, torch.bfloat16, n_buffers, memory_target)
     fp32_bytes = rows32 * v * 4 * n_buffers
