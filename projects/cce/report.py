@@ -225,6 +225,11 @@ def _variant_targets(
     return out
 
 
+def yes(ok: bool) -> str:
+    """A target's verdict word in the README."""
+    return "met" if ok else "NOT met"
+
+
 def speed_claim(ratios: list[float]) -> Claim:
     """The claim that ours is faster than the peer, paired over the interleaved rounds: per round
     100 ln(peer / ours) (about the percentage by which ours is faster), minimum effect 0. Its CI
@@ -243,14 +248,13 @@ def peer_text(vs: dict, met: bool) -> str:
         f"vs the fastest peer ({', '.join(sorted(set(vs['peer'])))}): median "
         f"{vs['wall_median']:.3f} x wall time (rounds {rounds}; ours faster in {faster} "
         f"of {len(vs['wall'])}), {vs['cpu_median']:.3f} x CPU time "
-        f"(target <= {PEER_TARGET:.1f}: {'met' if met else 'NOT met'}); ours faster, "
+        f"(target <= {PEER_TARGET:.1f}: {yes(met)}); ours faster, "
         f"100 ln(peer / ours) paired over the rounds: {claim}"
     )
 
 
 def targets_text(targets: dict, v: int) -> str:
     """One bullet per chunked variant: each target's figure and verdict."""
-    yes = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines = [f"Targets at V={v} (computed from the table above):"]
     for method, t in targets.items():
         parts = [
@@ -272,13 +276,13 @@ def bf16_targets_text(targets: dict, v: int) -> str:
     """One bullet per bf16 variant of ours: each of issue 18's targets and its verdict."""
     if not targets:
         return ""
-    yes = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines = [f"bf16 targets at V={v} (issue 18; computed from the bf16 table above):"]
     for method, t in targets.items():
         lines.append(
             f"- `{method}`: {peer_text(t['vs_fastest_peer'], t['met']['peer'])}; "
             f"peak memory {t['mem_vs_peer']:.2f} x the peer's "
-            f"{t['peer_peak_mb']:.0f} MB (target <= {BF16_PEER_MEMORY}: {yes(t['met']['memory'])}); "
+            f"{t['peer_peak_mb']:.0f} MB "
+            f"(target <= {BF16_PEER_MEMORY}: {yes(t['met']['memory'])}); "
             f"{t['time_vs_bound']:.2f} x the bf16 6NVD bound, {t['cpu_time_vs_bound']:.2f} x in "
             f"CPU time (target <= {BOUND_TARGET}: {yes(t['met']['bound'])})."
         )
